@@ -1,0 +1,1066 @@
+"""DynMuon speedrun trainer: one file, read top to bottom.
+
+Sections: hyperparameters, kernels, optimizers, model, data, checkpoints, training loop.
+Reference behaviour: SPEC.md (DynMuon, arXiv 2605.17109, on the modded-nanoGPT GPT and FineWeb).
+
+    python train_gpt.py --model tiny --device cpu ...           # one process
+    torchrun --standalone --nproc_per_node=8 train_gpt.py ...   # one process per GPU
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Hyperparameters
+
+MODEL_PRESETS = {  # model_dim, n_layer, n_head
+    "tiny": (64, 2, 4),
+    "127M": (512, 24, 8),
+    "601M": (1280, 24, 20),
+    "1.1B": (1792, 24, 28),
+}
+VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 128
+LR_DEFAULTS = {"dynmuon": 0.01, "muon": 0.01, "normuon": 0.01, "adamw": 0.002}
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8
+NORMUON_BETA2 = 0.95
+
+
+class ConfigError(Exception):
+    """A bad flag or a bad combination of flags; the message says what to do."""
+
+
+def build_arg_parser():
+    ap = argparse.ArgumentParser(
+        description="Train a GPT on FineWeb shards with DynMuon, Muon, NorMuon or AdamW.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = ap.add_argument
+    # data and batch (flag names of the paper's released trainer)
+    a("--data_dir", default="data/fineweb10B", help="folder of fineweb_val_*.bin / fineweb_train_*.bin shards")
+    a("--batch_size", type=int, default=512, help="global batch, in sequences per optimizer step")
+    a("--device_batch_size", type=int, default=64, help="sequences per forward pass on one device (paper's meaning)")
+    a("--micro_batch_size", type=int, default=0,
+      help="sequences per forward pass, to save memory; 0 = device_batch_size. Does not change the math")
+    a("--sequence_length", type=int, default=1024, help="tokens per sequence")
+    a("--num_iterations", type=int, default=20000, help="optimizer steps T")
+    a("--warmup_ratio", type=float, default=0.01, help="fraction of T with linear LR warmup")
+    a("--warmdown_ratio", type=float, default=0.2, help="fraction of T with the final LR decay to 0")
+    a("--lr_schedule", choices=["wsd", "cosine"], default="wsd",
+      help="wsd: warmup, constant, linear decay (released code); cosine: warmup then cosine to 0")
+    a("--val_loss_every", type=int, default=50, help="evaluate every N steps (also at step 0 and the last step)")
+    a("--val_tokens", type=int, default=10_485_760, help="validation tokens, the first ones of the val shard")
+    # model
+    a("--model", choices=list(MODEL_PRESETS), default="127M", help="size preset; explicit dims override it")
+    a("--model_dim", type=int, default=None, help="width d (overrides the preset)")
+    a("--n_layer", type=int, default=None, help="number of blocks (overrides the preset)")
+    a("--n_head", type=int, default=None, help="attention heads (overrides the preset)")
+    a("--vocab_size", type=int, default=VOCAB_SIZE, help="embedding rows; keep 50304 for GPT-2 tokens")
+    # optimizer
+    a("--optimizer", choices=["dynmuon", "muon", "normuon", "adamw"], default="dynmuon",
+      help="optimizer of the hidden matrices (adamw: AdamW for every parameter)")
+    a("--scalar_opt", choices=["adamw", "adam"], default="adamw",
+      help="optimizer of embedding and lm_head (both are AdamW with weight decay 0)")
+    a("--lr", type=float, default=None, help="matrix LR; default 0.01 for the Muon family, 0.002 for adamw")
+    a("--mu", type=float, default=0.95, help="momentum of the Muon family")
+    a("--weight_decay", type=float, default=0.01, help="decoupled weight decay of the hidden matrices")
+    a("--scalar_lr", type=float, default=0.001, help="AdamW LR of embedding and lm_head")
+    a("--dynmuon_pmax", type=float, default=1.0, help="p at the start of training")
+    a("--dynmuon_pmin", type=float, default=-0.25, help="p at the end of training")
+    a("--dynmuon_tau", type=float, default=0.04, help="centre of the logistic p schedule, as a fraction of T")
+    a("--dynmuon_w", type=float, default=0.04, help="width of the logistic p schedule, as a fraction of T")
+    a("--p_schedule", choices=["logistic", "fixed", "switch", "reverse"], default="logistic",
+      help="fixed: p_min throughout; switch: p_max until --p_switch_step then p_min; reverse: p_min to p_max")
+    a("--p_switch_step", type=int, default=500, help="step of the abrupt switch (--p_schedule switch)")
+    a("--spectral", choices=["taylor", "svd"], default="taylor",
+      help="p<0 transform: taylor = Fast-Spectral (paper); svd = exact U S^p V^T in fp32 (slow)")
+    # run
+    a("--seed", type=int, default=0, help="seed of the initialisation")
+    a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    a("--no_compile", action="store_true", help="do not torch.compile the model (always off on CPU)")
+    a("--log_dir", default="logs", help="folder of <run_name>.txt and <run_name>.jsonl")
+    a("--run_name", default=None, help="default: <optimizer>_<model>_<date-time>")
+    a("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
+    a("--dry_run", action="store_true", help="print the resolved configuration and parameter count, then exit")
+    a("--target_loss", type=float, default=None, help="report at each evaluation whether this val loss is reached")
+    a("--record", default=None,
+      help="take --target_loss from a records entry: a records/records.json name or a records/<dir>/ run")
+    # checkpoints
+    a("--checkpoint_dir", default=None, help="folder of this run's checkpoints (one run per folder)")
+    a("--checkpoint_freq", type=int, default=0, help="checkpoint every N steps (0: only at the end and on SIGTERM/SIGINT)")
+    a("--keep_checkpoints", type=int, default=3, help="how many of the newest checkpoints to keep")
+    a("--resume", default=None, help="'auto': newest valid checkpoint in --checkpoint_dir (fresh start if none); "
+                                      "or the path of a checkpoint .pt file")
+    return ap
+
+
+def resolve_config(argv=None):
+    """Parse flags, apply presets and defaults, and check what can be checked without data."""
+    args = build_arg_parser().parse_args(argv)
+    preset = MODEL_PRESETS[args.model]
+    for name, value in zip(("model_dim", "n_layer", "n_head"), preset):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.lr is None:
+        args.lr = LR_DEFAULTS[args.optimizer]
+    if args.micro_batch_size == 0:
+        args.micro_batch_size = args.device_batch_size
+    if args.run_name is None and args.resume is None:
+        args.run_name = default_run_name(args)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    validate_flags(args)
+    return args
+
+
+def default_run_name(args):
+    return f"{args.optimizer}_{args.model}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def validate_flags(args, world_size=1):
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+    for name in ("batch_size", "device_batch_size", "micro_batch_size", "sequence_length", "num_iterations",
+                 "val_loss_every", "val_tokens", "model_dim", "n_layer", "n_head", "vocab_size"):
+        need(getattr(args, name) > 0, f"--{name} must be positive, got {getattr(args, name)}")
+    need(args.batch_size % (args.device_batch_size * world_size) == 0,
+         f"--batch_size {args.batch_size} must be a multiple of --device_batch_size {args.device_batch_size} "
+         f"x {world_size} processes: change one of them")
+    need(args.device_batch_size % args.micro_batch_size == 0,
+         f"--device_batch_size {args.device_batch_size} must be a multiple of --micro_batch_size "
+         f"{args.micro_batch_size}")
+    need(args.model_dim % args.n_head == 0 and (args.model_dim // args.n_head) % 2 == 0,
+         f"--model_dim {args.model_dim} must split into --n_head {args.n_head} heads of even size")
+    need(0 <= args.warmup_ratio and 0 <= args.warmdown_ratio and args.warmup_ratio + args.warmdown_ratio <= 1,
+         "--warmup_ratio and --warmdown_ratio must be >= 0 and sum to at most 1")
+    need(args.dynmuon_tau > 0 and args.dynmuon_w > 0, "--dynmuon_tau and --dynmuon_w must be > 0")
+    need(args.dynmuon_pmin <= args.dynmuon_pmax, "--dynmuon_pmin must not exceed --dynmuon_pmax")
+    need(-1 <= args.dynmuon_pmin and args.dynmuon_pmax <= 1,
+         "--dynmuon_pmin/--dynmuon_pmax must lie in [-1, 1] (the Taylor correction is only sane there)")
+    need(args.val_tokens >= args.sequence_length, "--val_tokens must hold at least one sequence")
+    need(args.device == "cpu" or torch.cuda.is_available(),
+         "--device cuda asked for but no CUDA GPU is visible: use --device cpu or check CUDA_VISIBLE_DEVICES")
+    need(args.lr > 0 and args.scalar_lr > 0 and 0 <= args.mu < 1, "--lr, --scalar_lr must be > 0 and 0 <= --mu < 1")
+    need(args.checkpoint_freq >= 0 and args.keep_checkpoints >= 1,
+         "--checkpoint_freq must be >= 0 and --keep_checkpoints >= 1")
+    need(args.resume is None or args.resume == "auto" or Path(args.resume).is_file(),
+         f"--resume {args.resume}: no such checkpoint file (give a .pt path or 'auto')")
+    need(args.resume != "auto" or args.checkpoint_dir is not None, "--resume auto needs --checkpoint_dir")
+    need(args.target_loss is None or args.record is None, "give --target_loss or --record, not both")
+
+
+def lr_multiplier(step, args):
+    """LR multiplier for the update at 0-based step, applied to every parameter group."""
+    T = args.num_iterations
+    warmup = round(args.warmup_ratio * T)
+    if step < warmup:
+        return (step + 1) / warmup
+    if args.lr_schedule == "cosine":
+        progress = (step - warmup) / max(1, T - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    warmdown = round(args.warmdown_ratio * T)
+    if step >= T - warmdown:
+        return (T - step) / warmdown
+    return 1.0
+
+
+def make_p_schedule(args):
+    """p_t as a function of the 1-based update count t (SPEC §1). Muon and NorMuon: p = 0."""
+    if args.optimizer in ("muon", "normuon"):
+        return lambda t: 0.0
+    T, pmax, pmin = args.num_iterations, args.dynmuon_pmax, args.dynmuon_pmin
+
+    def logistic(t):
+        u = (t / T - args.dynmuon_tau) / args.dynmuon_w
+        a = 0.5 * (1 - math.tanh(u / 2))  # = 1/(1+exp(u)) without overflow
+        return pmin + a * (pmax - pmin)
+    return {
+        "logistic": logistic,
+        "fixed": lambda t: pmin,
+        "switch": lambda t: pmax if t <= args.p_switch_step else pmin,
+        "reverse": lambda t: pmax + pmin - logistic(t),
+    }[args.p_schedule]
+
+
+# -----------------------------------------------------------------------------
+# Kernels: Newton-Schulz and the spectral transforms, batched over same-shape matrices
+
+NS_COEFFS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+ANCHOR_RAW = 0.25  # p >= this: the update is the momentum matrix itself
+
+
+def newton_schulz(G):
+    """Polar factor of each wide matrix in G [..., m, n] (m <= n) by 5 bf16 iterations.
+
+    Returns (X, gram): X approximates U V^T, gram = Xn Xn^T of the first iteration, which
+    Fast-Spectral reuses."""
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    gram = None
+    for a, b, c in NS_COEFFS:
+        A = X @ X.mT
+        if gram is None:
+            gram = A
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X, gram
+
+
+def fast_spectral(U, p):
+    """Fast-Spectral(U, p) for wide U [..., m, n]: |U|_F^p (I + dE + d(d-1)/2 E^2) NS(U), d = p/2,
+    E = Un Un^T - I: a second-order Taylor expansion of (Un Un^T)^(p/2)."""
+    norm = U.float().norm(dim=(-2, -1), keepdim=True)
+    Y, gram = newton_schulz(U)
+    eye = torch.eye(U.size(-2), device=U.device, dtype=torch.float32)
+    E = gram.float() - eye
+    d = p / 2
+    C = eye + d * E + (0.5 * d * (d - 1)) * (E @ E)
+    return (norm.pow(p) * (C @ Y.float())).bfloat16()
+
+
+def svd_spectral(U, p):
+    """Exact spectral shaping U S^p V^T in fp32; zero singular values stay zero."""
+    u, s, vh = torch.linalg.svd(U.float(), full_matrices=False)
+    s_p = torch.where(s > s.amax(-1, keepdim=True) * 1e-7, s.clamp_min(1e-30).pow(p), torch.zeros_like(s))
+    return ((u * s_p.unsqueeze(-2)) @ vh).bfloat16()
+
+
+def spectral_transform(U, p, spectral="taylor"):
+    """The stage-wise operator of DynMuon (positive anchoring) on a batch of wide bf16 matrices."""
+    if p >= ANCHOR_RAW:
+        return U
+    if p >= 0:
+        return newton_schulz(U)[0]
+    return fast_spectral(U, p) if spectral == "taylor" else svd_spectral(U, p)
+
+
+# -----------------------------------------------------------------------------
+# Optimizers
+
+def as_wide(w):
+    """A [..., out, in] tensor as a stack [k, rows <= cols] of its matrices, transposed if tall."""
+    w = w.reshape(-1, *w.shape[-2:])
+    return w.mT if w.size(-2) > w.size(-1) else w
+
+
+class DynMuon(torch.optim.Optimizer):
+    """Muon family for hidden matrices: DynMuon (p schedule), Muon (p = 0), NorMuon (normuon=True).
+
+    A parameter of shape [..., out, in] is a stack of independent matrices. Per step:
+    M <- mu M + G; U = bf16(mu M + G); O = transform(U); W <- W (1 - lr wd) - lr sqrt(out/in) O.
+    Under torch.distributed every rank holds the averaged gradients and all momenta; the
+    transforms of each same-shape group are split across ranks and all-gathered."""
+
+    def __init__(self, params, lr, mu, weight_decay, p_schedule, spectral="taylor", normuon=False):
+        super().__init__(params, dict(lr=lr, mu=mu, weight_decay=weight_decay, step=0))
+        self.p_schedule, self.spectral, self.normuon = p_schedule, spectral, normuon
+        self.last_p = None
+
+    def _shape_groups(self):
+        """Parameters grouped by the wide shape of their matrices."""
+        groups = {}
+        for group in self.param_groups:
+            for w in group["params"]:
+                m, n = w.shape[-2:]
+                groups.setdefault((min(m, n), max(m, n)), []).append((w, group))
+        return groups
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            group["step"] += 1
+        p = self.last_p = self.p_schedule(self.param_groups[0]["step"])
+        for (m, n), members in self._shape_groups().items():
+            updates = [as_wide(self._nesterov_update(w, group)) for w, group in members]
+            out = self._distributed_transform(torch.cat(updates), p)
+            for (w, group), o in zip(members, out.split([u.size(0) for u in updates])):
+                o = (o.mT if w.size(-2) > w.size(-1) else o).reshape(w.shape)
+                if self.normuon:
+                    o = self._normalize_rows(w, o)
+                lr = group["lr"]
+                w.mul_(1 - lr * group["weight_decay"])
+                w.add_(o.to(w.dtype), alpha=-lr * math.sqrt(w.size(-2) / w.size(-1)))
+
+    def _nesterov_update(self, w, group):
+        state = self.state[w]
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(w, dtype=torch.float32)
+        M, g = state["momentum"], w.grad.float()
+        M.mul_(group["mu"]).add_(g)
+        return (group["mu"] * M + g).bfloat16()
+
+    def _distributed_transform(self, wide, p):
+        if p >= ANCHOR_RAW:  # identity: no work to split
+            return wide
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return spectral_transform(wide, p, self.spectral)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        count = wide.size(0)
+        per_rank = -(-count // world)
+        padded = torch.zeros(per_rank * world, *wide.shape[1:], dtype=wide.dtype, device=wide.device)
+        padded[:count] = wide
+        mine = spectral_transform(padded[rank * per_rank:(rank + 1) * per_rank], p, self.spectral)
+        gathered = torch.empty_like(padded)
+        dist.all_gather_into_tensor(gathered, mine.contiguous())
+        return gathered[:count]
+
+    def _normalize_rows(self, w, o):
+        """NorMuon: divide each output row by the RMS of its running second moment, keep |O|_F."""
+        state = self.state[w]
+        o = o.float()
+        if "row_var" not in state:
+            state["row_var"] = torch.zeros(w.shape[:-1], dtype=torch.float32, device=w.device)
+        V = state["row_var"]
+        V.lerp_(o.square().mean(dim=-1), 1 - NORMUON_BETA2)
+        norm_before = o.norm(dim=(-2, -1), keepdim=True)
+        o = o / (V.sqrt().unsqueeze(-1) + 1e-8)
+        return o * (norm_before / o.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
+
+
+def build_optimizers(model, args):
+    """(Dyn)Muon/NorMuon for the hidden matrices plus AdamW for embedding and head, or AdamW for all.
+    Each group remembers its base lr in 'initial_lr'; the LR schedule multiplies it."""
+    matrices = [p for p in model.blocks.parameters()]
+    scalars = [model.embed.weight, model.lm_head]
+    adamw = dict(betas=ADAM_BETAS, eps=ADAM_EPS)
+    if args.optimizer == "adamw":
+        opts = [torch.optim.AdamW([dict(params=matrices, lr=args.lr, weight_decay=args.weight_decay),
+                                   dict(params=scalars, lr=args.lr, weight_decay=0.0)], **adamw)]
+    else:
+        opts = [torch.optim.AdamW(scalars, lr=args.scalar_lr, weight_decay=0.0, **adamw),
+                DynMuon(matrices, lr=args.lr, mu=args.mu, weight_decay=args.weight_decay,
+                        p_schedule=make_p_schedule(args), spectral=args.spectral,
+                        normuon=args.optimizer == "normuon")]
+    for opt in opts:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return opts
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def init_linear_(weight):
+    """N(0, s^2) with s = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)) for a weight [..., out, in]."""
+    fan_out, fan_in = weight.shape[-2:]
+    nn.init.normal_(weight, std=fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in)))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim, max_len, base=10000.0):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x):  # x: [B, T, H, hd]
+        T = x.size(1)
+        cos, sin = self.cos[None, :T, None, :].to(x.dtype), self.sin[None, :T, None, :].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim, n_head, max_len):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Parameter(torch.empty(3, dim, dim))  # q, k, v: three matrices for the optimizer
+        self.out = nn.Parameter(torch.empty(dim, dim))
+        self.rotary = Rotary(dim // n_head, max_len)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = F.linear(x, self.qkv.flatten(0, 1)).view(B, T, 3, self.n_head, D // self.n_head).unbind(2)
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return F.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Parameter(torch.empty(4 * dim, dim))
+        self.proj = nn.Parameter(torch.empty(dim, 4 * dim))
+
+    def forward(self, x):
+        return F.linear(F.relu(F.linear(x, self.fc)).square(), self.proj)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, n_head, max_len):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, n_head, max_len)
+        self.mlp = MLP(dim)
+
+    def forward(self, x):
+        x = x + self.attn(rms_norm(x))
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size, dim, n_layer, n_head, max_len):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(Block(dim, n_head, max_len) for _ in range(n_layer))
+        self.lm_head = nn.Parameter(torch.empty(vocab_size, dim))  # untied
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for p in [*self.blocks.parameters(), self.lm_head]:
+            init_linear_(p)
+
+    def forward(self, idx, targets):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = F.linear(rms_norm(x), self.lm_head).float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def build_model(args, device="cpu"):
+    with torch.device(device):
+        return GPT(args.vocab_size, args.model_dim, args.n_layer, args.n_head, args.sequence_length)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Data: llm.c / modded-nanoGPT shards (256 int32 header, then uint16 tokens)
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+EOT_TOKEN = 50256
+HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+class DataError(Exception):
+    """Missing or malformed data; the message names the file and what to do."""
+
+
+def write_shard(path, tokens):
+    """Write tokens as a shard, atomically (temporary file, fsync, rename)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
+        raise DataError(f"{path}: token ids must lie in [0, 65535] to fit uint16")
+    header = np.zeros(SHARD_HEADER_INTS, dtype=np.int32)
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_token_count(path):
+    """Validated token count of a shard (checks magic, version and file size)."""
+    path = Path(path)
+    try:
+        header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
+    fix = "re-download it (data/cached_fineweb10B.py) or re-tokenize it (data/tokenize_shards.py)"
+    if header.size < SHARD_HEADER_INTS:
+        raise DataError(f"{path}: shorter than the {HEADER_BYTES}-byte header; {fix}")
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}): not a token shard; {fix}")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported version {header[1]} (expected {SHARD_VERSION}); {fix}")
+    n_tokens = int(header[2])
+    expected = HEADER_BYTES + 2 * n_tokens
+    if path.stat().st_size != expected:
+        raise DataError(f"{path}: {path.stat().st_size} bytes but the header promises {n_tokens} tokens "
+                        f"({expected} bytes): truncated or corrupt; {fix}")
+    return n_tokens
+
+
+def read_shard(path):
+    """The tokens of a validated shard, memory-mapped (uint16)."""
+    n_tokens = shard_token_count(path)
+    if n_tokens == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def find_shards(data_dir):
+    """(val shard, [train shards]) of a data folder, validated."""
+    data_dir = Path(data_dir)
+    hint = "download shards with data/cached_fineweb10B.py or make some with data/tokenize_shards.py"
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder does not exist; {hint}")
+    val = sorted(data_dir.glob("*_val_*.bin"))
+    train = sorted(data_dir.glob("*_train_*.bin"))
+    if not val or not train:
+        raise DataError(f"{data_dir}: needs a *_val_*.bin and at least one *_train_*.bin shard; {hint}")
+    for path in [*val, *train]:
+        if shard_token_count(path) == 0:
+            raise DataError(f"{path}: empty shard (0 tokens); {hint}")
+    return val[0], train
+
+
+class TrainLoader:
+    """Contiguous windows of batch_size*T+1 tokens; rank r takes its share of the window's sequences.
+    Every rank walks the same shards in the same order, so the global batch does not depend on the
+    number of ranks. state() / load_state() make the position part of a checkpoint."""
+
+    def __init__(self, shards, batch_size, seq_len, rank, world_size, warn=print):
+        self.shards, self.B, self.T = shards, batch_size, seq_len
+        self.rank, self.world, self.warn = rank, world_size, warn
+        self.shard_index, self.pos, self.epoch = 0, 0, 0
+        self.tokens = read_shard(shards[0])
+
+    def state(self):
+        return dict(shard_index=self.shard_index, pos=self.pos, epoch=self.epoch)
+
+    def load_state(self, state):
+        self.shard_index, self.pos, self.epoch = state["shard_index"], state["pos"], state["epoch"]
+        self.tokens = read_shard(self.shards[self.shard_index])
+
+    def _advance_shard(self):
+        self.shard_index += 1
+        if self.shard_index == len(self.shards):
+            self.shard_index, self.epoch = 0, self.epoch + 1
+            self.warn(f"warning: training data exhausted, wrapping around to the first shard (epoch {self.epoch})")
+        self.tokens, self.pos = read_shard(self.shards[self.shard_index]), 0
+
+    def next_batch(self, micro_batch_size, device):
+        """This rank's share of the next global batch, as a list of (x, y) micro-batches."""
+        window = self.B * self.T + 1
+        skipped = 0
+        while self.pos + window > len(self.tokens):
+            self._advance_shard()
+            skipped += 1
+            if skipped > len(self.shards):
+                raise DataError(f"no shard holds {window} tokens (one global batch + 1); use smaller batches")
+        per_rank = self.B // self.world
+        start = self.pos + self.rank * per_rank * self.T
+        chunk = torch.from_numpy(self.tokens[start:start + per_rank * self.T + 1].astype(np.int64))
+        self.pos += self.B * self.T
+        x, y = chunk[:-1].view(per_rank, self.T), chunk[1:].view(per_rank, self.T)
+        return [(xs.to(device, non_blocking=True), ys.to(device, non_blocking=True))
+                for xs, ys in zip(x.split(micro_batch_size), y.split(micro_batch_size))]
+
+
+def val_batches(val_path, val_tokens, seq_len, micro_batch_size, rank, world_size, device):
+    """This rank's share of the first val_tokens of the val shard (same tokens at every evaluation)."""
+    tokens = read_shard(val_path)
+    n_seq = val_tokens // seq_len
+    chunk = torch.from_numpy(tokens[:n_seq * seq_len + 1].astype(np.int64))
+    x, y = chunk[:-1].view(n_seq, seq_len), chunk[1:].view(n_seq, seq_len)
+    mine = slice(rank * n_seq // world_size, (rank + 1) * n_seq // world_size)
+    return [(xs.to(device), ys.to(device)) for xs, ys in zip(x[mine].split(micro_batch_size),
+                                                               y[mine].split(micro_batch_size))]
+
+
+
+def check_data(val_path, train_shards, args, warn):
+    """Before any GPU work: enough val tokens, and how many steps the training data lasts."""
+    n_seq = args.val_tokens // args.sequence_length
+    if shard_token_count(val_path) < n_seq * args.sequence_length + 1:
+        raise DataError(f"{val_path}: has {shard_token_count(val_path)} tokens, --val_tokens {args.val_tokens} "
+                        f"needs {n_seq * args.sequence_length + 1}; lower --val_tokens")
+    window = args.batch_size * args.sequence_length
+    steps = sum((shard_token_count(p) - 1) // window for p in train_shards)
+    if steps == 0:
+        raise DataError(f"{args.data_dir}: no train shard holds one global batch ({window + 1} tokens); "
+                        f"use larger shards or a smaller --batch_size/--sequence_length")
+    if steps < args.num_iterations:
+        warn(f"warning: the training data holds {steps} steps of {window:,} tokens but the run needs "
+             f"{args.num_iterations}: it will wrap around and reuse data (download more shards to avoid this)")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: <dir>/step_NNNNNN.pt (state) + step_NNNNNN.json (config, sha256 of the .pt)
+
+RESUME_NEUTRAL_FLAGS = {  # may differ between a checkpoint and the run that resumes it
+    "data_dir", "device_batch_size", "micro_batch_size", "val_loss_every", "device", "no_compile", "log_dir",
+    "run_name", "wandb", "dry_run", "target_loss", "record", "checkpoint_dir", "checkpoint_freq",
+    "keep_checkpoints", "resume"}
+CODE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+class _HashingWriter:
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def atomic_write(path, write):
+    """Run write(file) into path.tmp, fsync, rename over path; returns the sha256 of the bytes."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        hashing = _HashingWriter(f)
+        write(hashing)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return hashing.sha.hexdigest()
+
+
+def file_sha256(path):
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def save_checkpoint(ckpt_dir, step, payload, config, keep):
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    pt = ckpt_dir / f"step_{step:06d}.pt"
+    sha = atomic_write(pt, lambda f: torch.save(payload, f))
+    meta = dict(step=step, sha256=sha, code_sha256=CODE_SHA256, config=config, time=time.time())
+    atomic_write(pt.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+        old.with_suffix(".json").unlink(missing_ok=True)
+    return pt
+
+
+def checkpoint_meta(pt):
+    """The metadata of a complete, uncorrupted checkpoint; CheckpointError otherwise."""
+    pt = Path(pt)
+    try:
+        meta = json.loads(pt.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{pt}: missing or unreadable {pt.with_suffix('.json').name} (incomplete write)")
+    if not pt.is_file() or file_sha256(pt) != meta.get("sha256"):
+        raise CheckpointError(f"{pt}: contents do not match the recorded sha256 (truncated or corrupt)")
+    return meta
+
+
+def find_checkpoint(args, warn):
+    """(path, meta) of the checkpoint to resume from, or (None, None) for a fresh start."""
+    if args.resume is None:
+        return None, None
+    if args.resume != "auto":
+        try:
+            return Path(args.resume), checkpoint_meta(args.resume)
+        except CheckpointError as e:
+            raise ConfigError(f"{e}; pick another checkpoint or --resume auto")
+    for pt in sorted(Path(args.checkpoint_dir).glob("step_*.pt"), reverse=True):
+        try:
+            return pt, checkpoint_meta(pt)
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint: {e}")
+    return None, None
+
+
+def check_resume_compatible(args, meta):
+    saved = meta["config"]
+    differ = sorted(k for k, v in vars(args).items()
+                    if k not in RESUME_NEUTRAL_FLAGS and k in saved and saved[k] != v)
+    if differ:
+        detail = ", ".join(f"--{k} {saved[k]} (checkpoint) vs {getattr(args, k)} (now)" for k in differ)
+        raise ConfigError(f"cannot resume: {detail}; rerun with the checkpoint's flags or start a new run in "
+                          f"another --checkpoint_dir")
+
+
+def refuse_clobber(args, resuming):
+    """A fresh run never overwrites another run's logs or checkpoints."""
+    if resuming:
+        return
+    txt = Path(args.log_dir) / f"{args.run_name}.txt"
+    if txt.exists():
+        raise ConfigError(f"{txt} already exists: choose another --run_name, or resume that run")
+    if args.checkpoint_dir and any(Path(args.checkpoint_dir).glob("step_*.pt")):
+        raise ConfigError(f"{args.checkpoint_dir} already holds checkpoints: use --resume auto to continue "
+                          f"that run, or another --checkpoint_dir")
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+class TrainingError(Exception):
+    """The run cannot go on (e.g. a non-finite loss); the message names the step and the last checkpoint."""
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t):
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
+
+
+class RunLog:
+    """Rank 0 writes logs/<run>.txt (code, configuration, environment, then events) and <run>.jsonl.
+    On resume both files are cut back to where the checkpoint was taken, then appended to."""
+
+    def __init__(self, args, rank, offsets=None):
+        self.active = rank == 0
+        self.wandb = None
+        if not self.active:
+            return
+        log_dir = Path(args.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        paths = log_dir / f"{args.run_name}.txt", log_dir / f"{args.run_name}.jsonl"
+        if offsets is None:
+            self.txt, self.jsonl = (open(p, "w") for p in paths)
+        else:
+            self.txt, self.jsonl = (open(p, "r+" if p.exists() else "w") for p in paths)
+            for f, offset in zip((self.txt, self.jsonl), offsets):
+                f.truncate(min(offset, f.seek(0, os.SEEK_END)))
+                f.seek(0, os.SEEK_END)
+        if args.wandb:
+            try:
+                import wandb
+                self.wandb = wandb.init(project="dynmuon-speedrun", name=args.run_name, config=vars(args),
+                                        resume="allow")
+            except ImportError:
+                print("warning: --wandb given but wandb is not installed; logging to files only", file=sys.stderr)
+
+    def offsets(self):
+        return [self.txt.tell(), self.jsonl.tell()] if self.active else None
+
+    def header(self, args, env, n_params):
+        if not self.active:
+            return
+        self.txt.write(Path(__file__).read_text())
+        self.txt.write("\n" + "=" * 100 + "\n")
+        self.txt.write(json.dumps(dict(config=vars(args), env=env, parameters=n_params), indent=1) + "\n")
+        self.txt.write("=" * 100 + "\n")
+        self.event("config", config=vars(args), env=env, parameters=n_params)
+
+    def line(self, text, console=True):
+        if not self.active:
+            return
+        self.txt.write(text + "\n")
+        self.txt.flush()
+        if console:
+            print_console(text)
+
+    def event(self, kind, **fields):
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps(dict(event=kind, **fields)) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None and kind in ("train", "val"):
+            self.wandb.log({k: v for k, v in fields.items() if isinstance(v, (int, float))}, step=fields["step"])
+
+    def close(self):
+        if self.active:
+            self.txt.close()
+            self.jsonl.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+_progress = None  # tqdm bar of rank 0, so that log lines print above it
+
+
+def print_console(text):
+    (_progress.write if _progress is not None else print)(text)
+
+
+def environment(device, world_size):
+    env = dict(python=platform.python_version(), torch=torch.__version__, world_size=world_size,
+               host=platform.node(), argv=sys.argv)
+    if device == "cuda":
+        env.update(cuda=torch.version.cuda, gpus=[torch.cuda.get_device_name(i)
+                                                   for i in range(torch.cuda.device_count())])
+    return env
+
+
+def setup_distributed(args):
+    """(rank, world_size, local_rank) under torchrun, else (0, 1, 0)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if args.device == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {local} but only {torch.cuda.device_count()} GPUs are visible: "
+                              f"lower --nproc_per_node")
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if args.device == "cuda" else "gloo")
+    return rank, world, local
+
+
+def resolve_target(args):
+    """--target_loss, or the target of a --record entry (records/records.json name or records/<dir>/)."""
+    if args.record is None:
+        return args.target_loss
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parent / "records" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    try:
+        ref = compare.resolve_reference(args.record)
+        target = ref.target if hasattr(ref, "target") else compare.target_from_reference(ref)[0]
+    except compare.LogError as e:
+        raise ConfigError(f"--record {args.record}: {e}")
+    if target is None:
+        raise ConfigError(f"--record {args.record} publishes no target loss; give --target_loss")
+    return target
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast):
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device)
+    for x, y in batches:
+        with autocast:
+            total[0] += model(x, y).double() * y.numel()
+        total[1] += y.numel()
+    model.train()
+    total = all_reduce_sum(total)
+    return (total[0] / total[1]).item()
+
+
+def train_step(model, opts, batch, args, step, accum_scale, autocast):
+    """One optimizer step over this rank's micro-batches; returns the summed micro-batch losses."""
+    loss_sum = torch.zeros((), device=batch[0][0].device)
+    for i, (x, y) in enumerate(batch):
+        last_micro = i == len(batch) - 1
+        no_sync = model.no_sync() if (not last_micro and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with no_sync:
+            with autocast:
+                loss = model(x, y)
+            (loss * accum_scale).backward()
+        loss_sum += loss.detach()
+    mult = lr_multiplier(step, args)
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * mult
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss_sum, mult
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the next step boundary."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print_console(f"received signal {signum}: checkpointing at the end of this step, then exiting")
+
+
+def main(argv=None):
+    args = resolve_config(argv)
+    if args.dry_run:
+        with torch.device("meta"):
+            n_params = count_parameters(build_model(args))
+        print(json.dumps(vars(args), indent=1))
+        print(f"parameters: {n_params:,} ({n_params / 1e6:.1f}M)")
+        return 0
+    rank, world, local = setup_distributed(args)
+    try:
+        return train(args, rank, world, local)
+    finally:
+        if is_distributed():
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, local):
+    global _progress
+    say = print_console if rank == 0 else (lambda text: None)
+    # validation before any GPU work
+    validate_flags(args, world)
+    val_path, train_shards = find_shards(args.data_dir)
+    check_data(val_path, train_shards, args, say)
+    ckpt_path, ckpt_meta = find_checkpoint(args, say)
+    if ckpt_meta is not None:
+        if args.run_name is None:
+            args.run_name = ckpt_meta["config"]["run_name"]
+        check_resume_compatible(args, ckpt_meta)
+        if ckpt_meta["code_sha256"] != CODE_SHA256:
+            say(f"warning: {ckpt_path} was written by a different train_gpt.py (code hash differs)")
+    elif args.run_name is None:
+        args.run_name = default_run_name(args)
+    refuse_clobber(args, ckpt_meta is not None)
+    target = resolve_target(args)
+    stop = StopFlag()
+
+    device = torch.device("cuda", local) if args.device == "cuda" else torch.device("cpu")
+    torch.manual_seed(args.seed)
+    raw_model = build_model(args, device)
+    opts = build_optimizers(raw_model, args)
+    train_loader = TrainLoader(train_shards, args.batch_size, args.sequence_length, rank, world, warn=say)
+    run = dict(step=0, evaluated=False, train_time_ms=0.0, timed_ms=0.0, timed_steps=0, reached_at=None)
+    log_offsets = None
+    if ckpt_path is not None:
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        raw_model.load_state_dict(state["model"])
+        for opt, opt_state in zip(opts, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        train_loader.load_state(state["loader"])
+        run, log_offsets = state["run"], state["log_offsets"]
+        torch.set_rng_state(state["rng_cpu"].cpu())
+    n_params = count_parameters(raw_model)
+    model = raw_model
+    if args.device == "cuda" and not args.no_compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if args.device == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda"
+                else contextlib.nullcontext())
+
+    log = RunLog(args, rank, log_offsets)
+    if ckpt_path is None:
+        log.header(args, environment(args.device, world), n_params)
+        log.line(f"parameters: {n_params:,} ({n_params / 1e6:.1f}M)")
+    else:
+        log.line(f"resumed from {ckpt_path} at step {run['step']}")
+        log.event("resume", step=run["step"], checkpoint=str(ckpt_path))
+    val_data = val_batches(val_path, args.val_tokens, args.sequence_length, args.micro_batch_size, rank, world,
+                           device)
+    accum_steps = args.batch_size // (world * args.micro_batch_size)
+    tokens_per_step = args.batch_size * args.sequence_length
+    T = args.num_iterations
+    dynmuon = next((o for o in opts if isinstance(o, DynMuon)), None) if args.optimizer == "dynmuon" else None
+    last_ckpt = ckpt_path
+    resumed_step = ckpt_meta["step"] if ckpt_meta else None
+
+    def checkpoint():
+        payload = dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in opts],
+                       loader=train_loader.state(), run=run, log_offsets=log.offsets(),
+                       rng_cpu=torch.get_rng_state())
+        path = None
+        if rank == 0:
+            path = save_checkpoint(args.checkpoint_dir, run["step"], payload, vars(args), args.keep_checkpoints)
+            log.line(f"checkpoint: {path}", console=False)
+        if is_distributed():
+            dist.barrier()
+        return path
+
+    if rank == 0:
+        from tqdm import tqdm
+        _progress = tqdm(total=T, initial=run["step"], desc=args.run_name, dynamic_ncols=True, file=sys.stdout)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    first_step = True  # excluded from step_avg: compilation and warm-up
+    while True:
+        step = run["step"]
+        last = step == T
+        if (last or step % args.val_loss_every == 0) and not run["evaluated"]:
+            val_loss = evaluate(model, val_data, autocast)
+            step_avg = run["timed_ms"] / max(run["timed_steps"], 1)
+            text = (f"step:{step}/{T} val_loss:{val_loss:.4f} train_time:{run['train_time_ms']:.0f}ms "
+                    f"step_avg:{step_avg:.2f}ms")
+            if target is not None:
+                if run["reached_at"] is None and val_loss <= target:
+                    run["reached_at"] = step
+                text += (f" target:{target:.4f} " + (f"(reached at step {run['reached_at']})"
+                                                     if run["reached_at"] is not None else "(not reached)"))
+            log.line(text)
+            log.event("val", step=step, total_steps=T, val_loss=val_loss, train_time_ms=run["train_time_ms"],
+                      step_avg_ms=step_avg, target=target, reached_at=run["reached_at"])
+            run["evaluated"] = True
+        due = last or stop.signum or (args.checkpoint_freq and step % args.checkpoint_freq == 0)
+        if args.checkpoint_dir and due and step > 0 and step != resumed_step:
+            last_ckpt = checkpoint()
+        if last or stop.signum:
+            break
+        sync()
+        t0 = time.perf_counter()
+        loss_sum, mult = train_step(model, opts, train_loader.next_batch(args.micro_batch_size, device),
+                                    args, step, 1.0 / accum_steps, autocast)
+        reduced = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop.signum), device=device)]))
+        train_loss = reduced[0].item() / (accum_steps * world)  # .item() waits for the GPU
+        if reduced[1].item() > 0 and not stop.signum:
+            stop.signum = signal.SIGTERM  # another rank was signalled: stop together
+        step_ms = 1000 * (time.perf_counter() - t0)
+        run.update(step=step + 1, evaluated=False, train_time_ms=run["train_time_ms"] + step_ms)
+        if not first_step:
+            run["timed_ms"] += step_ms
+            run["timed_steps"] += 1
+        first_step = False
+        if not math.isfinite(train_loss):
+            raise TrainingError(f"non-finite train loss ({train_loss}) at step {step + 1}; last good checkpoint: "
+                                f"{last_ckpt or 'none (use --checkpoint_dir/--checkpoint_freq)'}")
+        p_text = f" p:{dynmuon.last_p:.4f}" if dynmuon is not None else ""
+        tokens_per_s = tokens_per_step / step_ms * 1000
+        log.line(f"step:{step + 1}/{T} train_loss:{train_loss:.4f} lr_mult:{mult:.4f}{p_text} "
+                 f"tokens/s:{tokens_per_s:.0f}", console=False)
+        log.event("train", step=step + 1, train_loss=train_loss, lr_mult=mult,
+                  p=dynmuon.last_p if dynmuon is not None else None, tokens_per_s=tokens_per_s, step_ms=step_ms)
+        if _progress is not None:
+            _progress.set_postfix_str(f"loss {train_loss:.3f}{p_text}")
+            _progress.update(1)
+    if _progress is not None:
+        _progress.close()
+        _progress = None
+    if stop.signum:
+        log.line(f"stopped by signal {stop.signum} at step {run['step']}; checkpoint: {last_ckpt or 'none'}; "
+                 f"rerun with --resume auto to continue")
+        log.close()
+        return 128 + stop.signum
+    if target is not None:
+        log.line(f"target:{target:.4f} " + (f"reached_at_step:{run['reached_at']}" if run["reached_at"] is not None
+                                            else "not_reached"))
+    if args.device == "cuda":
+        log.line(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB")
+    log.close()
+    return 0
+
+
+def cli():
+    try:
+        code = main()
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 3
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()
