@@ -1,0 +1,126 @@
+"""Flags, presets, the LR and p schedules, and the anchoring branch chosen at each step."""
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+import train_gpt as tg
+
+
+def run_cli(monkeypatch, capsys, *flags):
+    """train_gpt's command line in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["train_gpt.py", *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        tg.cli()
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+@pytest.fixture
+def dry_run(monkeypatch, capsys):
+    def count(*flags):
+        code, out, _ = run_cli(monkeypatch, capsys, "--dry_run", *flags)
+        assert code == 0
+        line = [l for l in out.splitlines() if l.startswith("parameters:")][0]
+        return int(line.split()[1].replace(",", ""))
+    return count
+
+
+@pytest.mark.parametrize("preset,expected,tol", [("127M", 127.0e6, 0.05e6), ("601M", 601e6, 1e6),
+                                                 ("1.1B", 1.11e9, 0.01e9)])
+def test_preset_parameter_counts(dry_run, preset, expected, tol):
+    assert abs(dry_run("--model", preset) - expected) <= tol
+
+
+def test_explicit_dims_override_preset(dry_run):
+    # 127M preset with 12 layers: embeddings 2*50304*512 plus 12 blocks of 12 d^2
+    assert dry_run("--model", "127M", "--n_layer", "12") == 2 * 50304 * 512 + 12 * 12 * 512 ** 2
+
+
+def test_defaults_follow_spec():
+    args = tg.resolve_config([])
+    assert (args.lr, args.mu, args.weight_decay, args.scalar_lr) == (0.01, 0.95, 0.01, 0.001)
+    assert (args.dynmuon_pmax, args.dynmuon_pmin, args.dynmuon_tau, args.dynmuon_w) == (1.0, -0.25, 0.04, 0.04)
+    assert (args.batch_size, args.device_batch_size, args.sequence_length) == (512, 64, 1024)
+    assert (args.warmup_ratio, args.warmdown_ratio, args.lr_schedule) == (0.01, 0.2, "wsd")
+    assert args.val_tokens == 10_485_760 and args.micro_batch_size == 64
+    assert tg.resolve_config(["--optimizer", "adamw"]).lr == 0.002
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch_size", "100"], "multiple of --device_batch_size"),
+    (["--device_batch_size", "64", "--micro_batch_size", "48"], "multiple of --micro_batch_size"),
+    (["--model_dim", "100", "--n_head", "8"], "heads of even size"),
+    (["--dynmuon_tau", "0"], "must be > 0"),
+    (["--dynmuon_w", "-1"], "must be > 0"),
+    (["--dynmuon_pmin", "0.5", "--dynmuon_pmax", "0.2"], "must not exceed"),
+    (["--dynmuon_pmin", "-3"], "[-1, 1]"),
+    (["--warmup_ratio", "0.7", "--warmdown_ratio", "0.5"], "sum to at most 1"),
+    (["--resume", "auto"], "needs --checkpoint_dir"),
+])
+def test_bad_flags_exit_2_with_one_line(monkeypatch, capsys, flags, message):
+    code, _, err = run_cli(monkeypatch, capsys, "--device", "cpu", *flags)
+    assert code == 2
+    assert message in err and err.strip().count("\n") == 0, err
+
+
+def test_bad_flag_exits_2_as_a_process():
+    proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py"), "--device", "cpu", "--batch_size", "100"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --batch_size 100"), proc.stderr
+
+
+def test_wsd_lr_schedule():
+    args = tg.resolve_config(["--num_iterations", "1000"])  # warmup 10 steps, warmdown 200
+    assert tg.lr_multiplier(0, args) == pytest.approx(0.1)
+    assert tg.lr_multiplier(9, args) == 1.0
+    assert tg.lr_multiplier(500, args) == 1.0
+    assert tg.lr_multiplier(799, args) == 1.0
+    assert tg.lr_multiplier(800, args) == pytest.approx(1.0)
+    assert tg.lr_multiplier(900, args) == pytest.approx(0.5)
+    assert tg.lr_multiplier(999, args) == pytest.approx(1 / 200)
+
+
+def test_cosine_lr_schedule():
+    args = tg.resolve_config(["--num_iterations", "1010", "--lr_schedule", "cosine"])  # warmup 10
+    assert tg.lr_multiplier(4, args) == pytest.approx(0.5)
+    assert tg.lr_multiplier(10, args) == pytest.approx(1.0)
+    assert tg.lr_multiplier(510, args) == pytest.approx(0.5)
+    assert tg.lr_multiplier(1009, args) == pytest.approx(0.5 * (1 + math.cos(math.pi * 999 / 1000)))
+
+
+def logistic_p(t, T=20000, tau=0.04, w=0.04, pmax=1.0, pmin=-0.25):
+    return pmin + (pmax - pmin) / (1 + math.exp((t / T - tau) / w))
+
+
+def test_logistic_p_schedule_values():
+    p = tg.make_p_schedule(tg.resolve_config(["--num_iterations", "20000"]))
+    for t in (1, 400, 800, 1124, 1125, 1910, 1911, 5000, 20000):
+        assert p(t) == pytest.approx(logistic_p(t), abs=1e-12)
+    assert p(800) == pytest.approx(0.375)  # t/T = tau: halfway between p_max and p_min
+    assert p(20000) == pytest.approx(-0.25, abs=1e-9)
+
+
+def test_anchoring_branch_at_each_step():
+    """With T=20000: raw momentum until p drops under 0.25 (step 1125), NS until p < 0 (step 1910)."""
+    p = tg.make_p_schedule(tg.resolve_config(["--num_iterations", "20000"]))
+
+    def branch(t):
+        return "raw" if p(t) >= tg.ANCHOR_RAW else ("ns" if p(t) >= 0 else "fast_spectral")
+    assert [branch(t) for t in (1, 1124, 1125, 1909, 1910, 20000)] == \
+        ["raw", "raw", "ns", "ns", "fast_spectral", "fast_spectral"]
+
+
+def test_ablation_schedules():
+    base = ["--num_iterations", "2000"]
+    fixed = tg.make_p_schedule(tg.resolve_config(base + ["--p_schedule", "fixed"]))
+    switch = tg.make_p_schedule(tg.resolve_config(base + ["--p_schedule", "switch", "--p_switch_step", "500"]))
+    reverse = tg.make_p_schedule(tg.resolve_config(base + ["--p_schedule", "reverse"]))
+    muon = tg.make_p_schedule(tg.resolve_config(base + ["--optimizer", "muon"]))
+    assert fixed(1) == fixed(2000) == -0.25
+    assert (switch(500), switch(501)) == (1.0, -0.25)
+    assert reverse(1) == pytest.approx(1.0 - 0.25 - logistic_p(1, T=2000))
+    assert reverse(2000) == pytest.approx(1.0, abs=1e-9)
+    assert muon(1) == muon(2000) == 0.0

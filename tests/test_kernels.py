@@ -1,0 +1,106 @@
+"""Newton-Schulz, Fast-Spectral and exact-SVD shaping against float64 references."""
+import pytest
+import torch
+
+import train_gpt as tg
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def polar(G):
+    u, _, vh = torch.linalg.svd(G.double(), full_matrices=False)
+    return u @ vh
+
+
+def newton_schulz_f64(G):
+    """The NS iteration of SPEC §1 in float64 (no bf16 rounding)."""
+    X = G.double() / (G.double().norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for a, b, c in tg.NS_COEFFS:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X
+
+
+def fast_spectral_f64(X, p):
+    """SPEC's Fast-Spectral formula, literally, in float64."""
+    X = X.double()
+    norm = X.norm(dim=(-2, -1), keepdim=True)
+    Xn = X / norm
+    Y = newton_schulz_f64(X)
+    I = torch.eye(X.size(-2), dtype=torch.float64)
+    E = Xn @ Xn.mT - I
+    d = p / 2
+    C = I + d * E + 0.5 * d * (d - 1) * E @ E
+    return norm ** p * (C @ Y)
+
+
+SHAPES = [(1, 5, 7), (3, 16, 48), (2, 33, 33), (4, 7, 130)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_newton_schulz_close_to_polar_factor(shape):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    X, gram = tg.newton_schulz(G)
+    assert X.dtype == torch.bfloat16 and X.shape == G.shape
+    sv = torch.linalg.svdvals(X.double())
+    assert sv.min() > 0.7 and sv.max() < 1.2  # NS's known band for well-conditioned inputs
+    assert rel_err(X, polar(G)) < 0.06
+    Xn = G.double() / G.double().norm(dim=(-2, -1), keepdim=True)
+    assert rel_err(gram, Xn @ Xn.mT) < 1e-2  # the Gram matrix Fast-Spectral reuses
+
+
+def test_newton_schulz_matches_float64_iteration():
+    G = torch.randn(6, 24, 40, generator=torch.Generator().manual_seed(2))
+    assert rel_err(tg.newton_schulz(G)[0], newton_schulz_f64(G)) < 2e-2
+
+
+@pytest.mark.parametrize("p", [-0.1, -0.25, -0.5])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fast_spectral_matches_spec_formula(shape, p):
+    U = (torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 3.0).bfloat16()
+    out = tg.fast_spectral(U, p)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, fast_spectral_f64(U, p)) < 5e-2  # dominated by the bf16 NS iterations
+
+
+@pytest.mark.parametrize("p", [-0.1, -0.25, -0.5])
+def test_fast_spectral_correction_given_the_ns_output(p):
+    """With the same NS output Y, the Taylor correction itself is exact to bf16 rounding."""
+    U = (torch.randn(3, 16, 40, generator=torch.Generator().manual_seed(6)) * 0.1).bfloat16()
+    Y = tg.newton_schulz(U)[0].double()
+    norm = U.double().norm(dim=(-2, -1), keepdim=True)
+    Xn = U.double() / norm
+    I = torch.eye(16, dtype=torch.float64)
+    E, d = Xn @ Xn.mT - I, p / 2
+    expected = norm ** p * ((I + d * E + 0.5 * d * (d - 1) * E @ E) @ Y)
+    assert rel_err(tg.fast_spectral(U, p), expected) < 1e-2
+
+
+def test_fast_spectral_boosts_small_directions_mildly():
+    """The correction weights direction i by about (1 + d e_i + ...) with e_i = s_i^2/sum s_j^2 - 1:
+    smaller input directions come out larger, by a few percent (SPEC §1: milder than exact s^p)."""
+    u, _, vh = torch.linalg.svd(torch.randn(1, 8, 16, dtype=torch.float64), full_matrices=False)
+    s = torch.linspace(1.0, 0.2, 8, dtype=torch.float64)
+    U = ((u * s) @ vh).bfloat16()
+    gains = (u.mT @ tg.fast_spectral(U, -0.25).double() @ vh.mT).diagonal(dim1=-2, dim2=-1)[0]
+    assert gains[-1] > gains[0] * 1.02
+    assert gains[-1] < gains[0] * 1.2
+
+
+@pytest.mark.parametrize("p", [-0.25, -0.5])
+def test_svd_spectral_equals_u_sigma_p_vt(p):
+    G = torch.randn(3, 12, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(G, full_matrices=False)
+    expected = (u * s.pow(p).unsqueeze(-2)) @ vh
+    assert rel_err(tg.svd_spectral(G, p), expected) < 1e-2
+
+
+@pytest.mark.parametrize("p,expected", [(1.0, "raw"), (0.25, "raw"), (0.2, "ns"), (0.0, "ns"), (-0.01, "fast")])
+def test_spectral_transform_anchoring(p, expected):
+    U = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(5)).bfloat16()
+    out = tg.spectral_transform(U, p)
+    reference = {"raw": U, "ns": tg.newton_schulz(U)[0], "fast": tg.fast_spectral(U, p)}[expected]
+    assert torch.equal(out, reference)
+    assert torch.equal(tg.spectral_transform(U, -0.3, "svd"), tg.svd_spectral(U, -0.3))
