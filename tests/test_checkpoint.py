@@ -1,0 +1,138 @@
+"""Never lose a run: kill / SIGTERM / corruption, then resume bitwise; bad inputs refused with exit 2."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_trainer, tiny_flags, train_losses, val_losses
+
+RUN = dict(num_iterations=24, val_loss_every=6, model_dim=64, sequence_length=32, batch_size=8,
+           device_batch_size=4, micro_batch_size=4)
+
+
+def start(flags, nproc=1):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.Popen([sys.executable, *launcher, str(REPO / "train_gpt.py"), *flags], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(path, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"trainer ended early: {proc.communicate()}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def snapshot(*dirs):
+    """sha256 of every file under the given folders."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for d in dirs if d.exists()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data):
+    """An uninterrupted run, with checkpoints every 4 steps."""
+    out = tmp_path_factory.mktemp("reference")
+    run_trainer(tiny_flags(tiny_data, out / "logs", checkpoint_dir=out / "ckpt", checkpoint_freq=4, **RUN))
+    return out
+
+
+def assert_same_run(logs, reference):
+    assert train_losses(logs) == train_losses(reference / "logs")
+    assert val_losses(logs) == val_losses(reference / "logs")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, tiny_data, reference, nproc):
+    flags = tiny_flags(tiny_data, tmp_path / "logs", checkpoint_dir=tmp_path / "ckpt", checkpoint_freq=4,
+                       resume="auto", **RUN)
+    proc = start(flags, nproc)
+    wait_for(tmp_path / "ckpt" / "step_000012.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "ckpt" / "step_000024.json").exists()  # really killed mid-way
+    out = run_trainer(flags, nproc=nproc)
+    assert "resumed from" in out.stdout
+    assert_same_run(tmp_path / "logs", reference)
+    lines = (tmp_path / "logs" / "run.txt").read_text().splitlines()
+    assert sum(l.startswith("step:24/24 val_loss") for l in lines) == 1  # log cut back, then appended
+
+
+def test_sigterm_checkpoints_and_resumes(tmp_path, tiny_data, reference):
+    flags = tiny_flags(tiny_data, tmp_path / "logs", checkpoint_dir=tmp_path / "ckpt", checkpoint_freq=100,
+                       resume="auto", **RUN)
+    proc = start(flags)
+    wait_for(tmp_path / "logs" / "run.jsonl", proc)
+    while True:
+        try:
+            if len(train_losses(tmp_path / "logs")) >= 2:
+                break
+        except ValueError:  # a line caught half-written
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    saved = sorted((tmp_path / "ckpt").glob("step_*.pt"))
+    assert len(saved) == 1 and "rerun with --resume auto" in stdout
+    run_trainer(flags)
+    assert_same_run(tmp_path / "logs", reference)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_data, reference):
+    import shutil
+    shutil.copytree(reference / "ckpt", tmp_path / "ckpt")
+    shutil.copytree(reference / "logs", tmp_path / "logs")
+    for step in (24, 20):  # newest: bytes flipped; next: truncated
+        pt = tmp_path / "ckpt" / f"step_{step:06d}.pt"
+        data = bytearray(pt.read_bytes())
+        if step == 24:
+            data[len(data) // 2] ^= 0xFF
+        else:
+            data = data[: len(data) // 2]
+        pt.write_bytes(bytes(data))
+    flags = tiny_flags(tiny_data, tmp_path / "logs", checkpoint_dir=tmp_path / "ckpt", checkpoint_freq=4,
+                       resume="auto", **RUN)
+    out = run_trainer(flags)
+    assert out.stdout.count("skipping checkpoint") == 2 and "resumed from" in out.stdout
+    assert "step_000016.pt at step 16" in out.stdout
+    assert_same_run(tmp_path / "logs", reference)
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_data):
+    flags = tiny_flags(tiny_data, tmp_path / "logs", checkpoint_dir=tmp_path / "ckpt", checkpoint_freq=1,
+                       optimizer="adamw", lr=1e4, scalar_lr=1e4, warmup_ratio=0, **RUN)
+    proc = run_trainer(flags, check=False)
+    assert proc.returncode == 3
+    assert "non-finite train loss" in proc.stderr and "last good checkpoint" in proc.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(model_dim=32), "cannot resume: --model_dim 64 (checkpoint) vs 32 (now)"),
+    (dict(lr=0.05), "cannot resume: --lr"),
+    (dict(resume="CORRUPT"), "truncated or corrupt"),
+    (dict(resume=None), "already exists: choose another --run_name"),
+    (dict(resume=None, run_name="other"), "already holds checkpoints: use --resume auto"),
+])
+def test_invalid_resume_exits_2_and_clobbers_nothing(tmp_path, tiny_data, reference, change, message):
+    import shutil
+    shutil.copytree(reference, tmp_path / "ref")
+    ckpt, logs = tmp_path / "ref" / "ckpt", tmp_path / "ref" / "logs"
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((ckpt / "step_000024.pt").read_bytes()[:1000])
+    (tmp_path / "bad.json").write_text((ckpt / "step_000024.json").read_text())
+    settings = {**RUN, "checkpoint_dir": ckpt, "checkpoint_freq": 4, "resume": "auto", **change}
+    if settings["resume"] == "CORRUPT":
+        settings["resume"] = bad
+    before = snapshot(ckpt, logs)
+    proc = run_trainer(tiny_flags(tiny_data, logs, **settings), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert snapshot(ckpt, logs) == before

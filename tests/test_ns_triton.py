@@ -1,0 +1,135 @@
+"""Tests for bench/ns_triton.py (fused Triton Newton-Schulz / Fast-Spectral) against the torch
+reference in train_gpt.py. Without CUDA they run under the Triton interpreter (TRITON_INTERPRET=1)."""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+pytest.importorskip("triton", reason="triton is not importable: no fused Newton-Schulz to test")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from train_gpt import NS_COEFFS, fast_spectral, newton_schulz  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("ns_triton", ROOT / "bench" / "ns_triton.py")
+nst = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(nst)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+SHAPES = [(1, 5, 7), (3, 17, 40), (2, 33, 33), (1, 64, 200)]
+# fp32 dots (fp64 inputs are dotted in fp32) are exact under the interpreter, tf32 on a GPU
+TOL = {torch.float64: 1e-5 if INTERP else 5e-3, torch.float32: 1e-5 if INTERP else 5e-3,
+       torch.bfloat16: 1e-2}
+
+
+def rel(x, ref):
+    x, ref = x.double(), ref.double()
+    assert torch.isfinite(x).all(), "non-finite output (unwritten tile?)"
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=DEV, dtype=dtype)
+
+
+def nan_like(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+
+
+def test_coeffs_match():
+    assert nst.NS_COEFFS == NS_COEFFS
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gram(shape, dtype):
+    X = randn(*shape, dtype=dtype)
+    out = nan_like((shape[0], shape[1], shape[1]), dtype)
+    nst.gram_xxt(X, out=out, alpha=0.5)
+    assert rel(out, 0.5 * X.double() @ X.double().mT) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_poly(shape, dtype):
+    X = randn(*shape, dtype=torch.float64)
+    A = X @ X.mT / X.norm(dim=(-2, -1), keepdim=True) ** 2  # symmetric, spectrum in [0, 1]
+    b, c, d = NS_COEFFS[0][1], NS_COEFFS[0][2], 0.3
+    ref = b * A + c * A @ A + d * torch.eye(shape[1], dtype=A.dtype, device=DEV)
+    for rounding in (True, False):
+        out = nan_like(A.shape, dtype)
+        nst.ns_poly(A.to(dtype), b, c, diag=d, out=out, torch_rounding=rounding)
+        assert rel(out, ref) < TOL[dtype]
+    if dtype == torch.bfloat16:  # torch_rounding: the eager torch bf16 expression
+        Ab = A.bfloat16()
+        assert rel(nst.ns_poly(Ab, b, c), b * Ab + c * (Ab @ Ab)) < 2e-3
+    out = nst.ns_poly(A.to(dtype), b, c, out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and rel(out, b * A + c * A @ A) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_update(shape, dtype):
+    X = randn(*shape, dtype=torch.float64)
+    B = randn(shape[0], shape[1], shape[1], dtype=torch.float64, seed=1)
+    a, s = NS_COEFFS[0][0], torch.rand(shape[0], generator=torch.Generator().manual_seed(2)).to(DEV)
+    for rounding in (True, False):
+        out = nan_like(shape, dtype)
+        nst.ns_update(B.to(dtype), X.to(dtype), a, out=out, torch_rounding=rounding)
+        assert rel(out, a * X + B @ X) < TOL[dtype]
+    out = nst.ns_update(B.to(dtype), X.to(dtype), 0.0, scale=s)
+    assert rel(out, s.double()[:, None, None] * (B @ X)) < TOL[dtype]
+
+
+def ns_fp64(G):
+    X = G.double() / G.double().norm(dim=(-2, -1), keepdim=True)
+    for a, b, c in NS_COEFFS:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(5, 7), (2, 1, 6, 9)])
+def test_newton_schulz(shape):
+    G = randn(*shape, dtype=torch.bfloat16)
+    X, gram = nst.newton_schulz_triton(G)
+    Xr, gramr = newton_schulz(G)
+    assert X.dtype == gram.dtype == torch.bfloat16 and X.shape == G.shape
+    assert gram.shape == (*shape[:-1], shape[-2])
+    assert rel(gram, gramr) < 1e-2
+    assert rel(X, Xr) < 2e-2
+    sv = torch.linalg.svdvals(X.double())
+    assert sv.min() > 0.6 and sv.max() < 1.25, (sv.min().item(), sv.max().item())
+
+
+@pytest.mark.parametrize("shape", [(3, 17, 40), (1, 64, 200)])
+def test_newton_schulz_one_rounding(shape):
+    """torch_rounding=False (one rounding per fused op): no worse than the reference vs fp64 NS."""
+    G = randn(*shape, dtype=torch.bfloat16)
+    Xr, _ = newton_schulz(G)
+    Xa, _ = nst.newton_schulz_triton(G, torch_rounding=False)
+    assert rel(Xa, Xr) < 3e-2
+    assert rel(Xa, ns_fp64(G)) <= rel(Xr, ns_fp64(G)) + 1e-3
+
+
+def test_newton_schulz_strided():
+    G = randn(2, 40, 17, dtype=torch.bfloat16).mT  # transposed view [2, 17, 40]
+    assert rel(nst.newton_schulz_triton(G)[0], newton_schulz(G)[0]) < 2e-2
+
+
+FS_CASES = [(s, p) for s in [(1, 5, 7), (3, 17, 40)] for p in (-0.1, -0.25, -0.5)]
+
+
+@pytest.mark.parametrize("shape,p", FS_CASES + [((2, 33, 33), -0.5), ((1, 64, 200), -0.1)])
+def test_fast_spectral(shape, p):
+    U = 3 * randn(*shape, dtype=torch.bfloat16, seed=3)
+    out = nst.fast_spectral_triton(U, p)
+    assert out.dtype == torch.bfloat16 and out.shape == U.shape
+    assert rel(out, fast_spectral(U, p)) < 3e-2

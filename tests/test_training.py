@@ -1,0 +1,63 @@
+"""The training loop end to end on CPU: loss falls, logs, targets, and gloo ranks == accumulation."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_trainer, tiny_flags, train_losses, val_losses
+
+
+def test_tiny_run_loss_falls_and_logs(tmp_path, tiny_data):
+    logs = tmp_path / "logs"
+    proc = run_trainer(tiny_flags(tiny_data, logs, num_iterations=30, val_loss_every=10, target_loss=5.0))
+    vals = val_losses(logs)
+    assert [s for s, _ in vals] == [0, 10, 20, 30]
+    assert vals[-1][1] < vals[0][1] - 1.0  # learns the Markov chain
+    assert len(train_losses(logs)) == 30
+
+    txt = (logs / "run.txt").read_text()
+    assert txt.startswith((REPO / "train_gpt.py").read_text())  # the code of the run, first
+    assert '"optimizer": "dynmuon"' in txt and '"python":' in txt and '"world_size": 1' in txt
+    assert re.search(r"^step:30/30 val_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d\dms", txt, re.M)
+    assert re.search(r"^step:1/30 train_loss:\d+\.\d{4} lr_mult:\S+ p:0\.\d{4} tokens/s:\d+", txt, re.M)
+    reached = [s for s, v in vals if v <= 5.0]
+    expected = f"target:5.0000 reached_at_step:{reached[0]}" if reached else "target:5.0000 not_reached"
+    assert txt.rstrip().endswith(expected)
+    assert "val_loss" in proc.stdout  # console progress
+
+    summary = subprocess.run([sys.executable, str(REPO / "records" / "compare.py"), str(logs / "run.txt"),
+                              "--target", "5.0", "--json"], capture_output=True, text=True)
+    assert summary.returncode == 0, summary.stderr
+    row = json.loads(summary.stdout)["runs"][0]
+    assert row["best_val_loss"] == pytest.approx(min(v for _, v in vals), abs=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["dynmuon", "normuon"])
+def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path, tiny_data, optimizer):
+    """Global batch of 4: one process runs 2 micro-batches of 2, two ranks run one each.
+    The gradient averages are the same sums in the same order, so losses match bitwise."""
+    flags = dict(batch_size=4, device_batch_size=2, micro_batch_size=2, num_iterations=8, optimizer=optimizer)
+    run_trainer(tiny_flags(tiny_data, tmp_path / "one", **flags))
+    run_trainer(tiny_flags(tiny_data, tmp_path / "two", **flags), nproc=2)
+    assert train_losses(tmp_path / "two") == train_losses(tmp_path / "one")
+    assert val_losses(tmp_path / "two") == val_losses(tmp_path / "one")
+
+
+def test_eight_gloo_ranks_match_one_process(tmp_path, tiny_data):
+    """The 8-rank code path (transform shards of uneven size across ranks, all-gather) on CPU."""
+    flags = dict(batch_size=8, device_batch_size=1, micro_batch_size=1, num_iterations=3, val_loss_every=3)
+    run_trainer(tiny_flags(tiny_data, tmp_path / "one", **flags))
+    run_trainer(tiny_flags(tiny_data, tmp_path / "eight", **flags), nproc=8, timeout=600)
+    one, eight = train_losses(tmp_path / "one"), train_losses(tmp_path / "eight")
+    assert [s for s, _ in eight] == [1, 2, 3]
+    # 8 micro-batches summed in another order: equal up to float rounding, not bitwise
+    assert [v for _, v in eight] == pytest.approx([v for _, v in one], rel=1e-5)
+
+
+def test_more_ranks_than_batch_allows_is_refused(tmp_path, tiny_data):
+    proc = run_trainer(tiny_flags(tiny_data, tmp_path / "logs", batch_size=4, device_batch_size=4), nproc=2,
+                       check=False)
+    assert proc.returncode != 0
+    assert "must be a multiple of --device_batch_size 4 x 2 processes" in proc.stderr
