@@ -24,6 +24,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch reference path needs no triton
+    triton = None
+
 # -----------------------------------------------------------------------------
 # Hyperparameters
 
@@ -32,6 +38,11 @@ MODEL_PRESETS = {  # model_dim, n_layer, n_head
     "127M": (512, 24, 8),
     "601M": (1280, 24, 20),
     "1.1B": (1792, 24, 28),
+    "qwen171M": (512, 24, 8),
+}
+ARCH_DEFAULTS = {  # n_kv_head (None: = n_head), mlp_hidden (None: 4d), rope_base
+    "gpt": (None, None, 10000.0),
+    "qwen": (2, 2816, 1e6),
 }
 VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 128
 LR_DEFAULTS = {"dynmuon": 0.01, "muon": 0.01, "normuon": 0.01, "adamw": 0.002}
@@ -69,6 +80,12 @@ def build_arg_parser():
     a("--n_layer", type=int, default=None, help="number of blocks (overrides the preset)")
     a("--n_head", type=int, default=None, help="attention heads (overrides the preset)")
     a("--vocab_size", type=int, default=VOCAB_SIZE, help="embedding rows; keep 50304 for GPT-2 tokens")
+    a("--arch", choices=list(ARCH_DEFAULTS), default=None,
+      help="gpt: modded-nanoGPT block (ReLU^2, QK-norm); qwen: GQA, SwiGLU, learnable RMSNorm, qkv bias. "
+           "Default: qwen for --model qwen171M, else gpt")
+    a("--n_kv_head", type=int, default=None, help="key/value heads (grouped-query attention); arch default")
+    a("--mlp_hidden", type=int, default=None, help="MLP hidden width; arch default (gpt 4d, qwen 2816)")
+    a("--rope_base", type=float, default=None, help="RoPE theta; arch default (gpt 1e4, qwen 1e6)")
     # optimizer
     a("--optimizer", choices=["dynmuon", "muon", "normuon", "adamw"], default="dynmuon",
       help="optimizer of the hidden matrices (adamw: AdamW for every parameter)")
@@ -87,6 +104,8 @@ def build_arg_parser():
     a("--p_switch_step", type=int, default=500, help="step of the abrupt switch (--p_schedule switch)")
     a("--spectral", choices=["taylor", "svd"], default="taylor",
       help="p<0 transform: taylor = Fast-Spectral (paper); svd = exact U S^p V^T in fp32 (slow)")
+    a("--ns_backend", choices=["auto", "torch", "triton"], default="auto",
+      help="Newton-Schulz/Fast-Spectral kernels: fused Triton or plain torch; auto = triton on CUDA")
     # run
     a("--seed", type=int, default=0, help="seed of the initialisation")
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
@@ -110,10 +129,16 @@ def build_arg_parser():
 def resolve_config(argv=None):
     """Parse flags, apply presets and defaults, and check what can be checked without data."""
     args = build_arg_parser().parse_args(argv)
-    preset = MODEL_PRESETS[args.model]
-    for name, value in zip(("model_dim", "n_layer", "n_head"), preset):
+    if args.arch is None:
+        args.arch = "qwen" if args.model.startswith("qwen") else "gpt"
+    for name, value in zip(("model_dim", "n_layer", "n_head"), MODEL_PRESETS[args.model]):
         if getattr(args, name) is None:
             setattr(args, name, value)
+    for name, value in zip(("n_kv_head", "mlp_hidden", "rope_base"), ARCH_DEFAULTS[args.arch]):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.n_kv_head = args.n_kv_head or args.n_head
+    args.mlp_hidden = args.mlp_hidden or 4 * args.model_dim
     if args.lr is None:
         args.lr = LR_DEFAULTS[args.optimizer]
     if args.micro_batch_size == 0:
@@ -122,6 +147,8 @@ def resolve_config(argv=None):
         args.run_name = default_run_name(args)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.ns_backend == "auto":
+        args.ns_backend = "triton" if (args.device == "cuda" and triton is not None) else "torch"
     validate_flags(args)
     return args
 
@@ -145,6 +172,10 @@ def validate_flags(args, world_size=1):
          f"{args.micro_batch_size}")
     need(args.model_dim % args.n_head == 0 and (args.model_dim // args.n_head) % 2 == 0,
          f"--model_dim {args.model_dim} must split into --n_head {args.n_head} heads of even size")
+    need(args.n_kv_head > 0 and args.n_head % args.n_kv_head == 0,
+         f"--n_head {args.n_head} must be a multiple of --n_kv_head {args.n_kv_head}")
+    need(args.arch == "qwen" or (args.n_kv_head == args.n_head and args.mlp_hidden == 4 * args.model_dim),
+         "--n_kv_head and --mlp_hidden are for --arch qwen; the gpt block has n_kv_head = n_head, 4d MLP")
     need(0 <= args.warmup_ratio and 0 <= args.warmdown_ratio and args.warmup_ratio + args.warmdown_ratio <= 1,
          "--warmup_ratio and --warmdown_ratio must be >= 0 and sum to at most 1")
     need(args.dynmuon_tau > 0 and args.dynmuon_w > 0, "--dynmuon_tau and --dynmuon_w must be > 0")
@@ -161,6 +192,8 @@ def validate_flags(args, world_size=1):
          f"--resume {args.resume}: no such checkpoint file (give a .pt path or 'auto')")
     need(args.resume != "auto" or args.checkpoint_dir is not None, "--resume auto needs --checkpoint_dir")
     need(args.target_loss is None or args.record is None, "give --target_loss or --record, not both")
+    need(args.ns_backend == "torch" or (triton is not None and (args.device == "cuda" or TRITON_INTERPRET)),
+         "--ns_backend triton needs triton and a CUDA device (or TRITON_INTERPRET=1): use --ns_backend torch")
 
 
 def lr_multiplier(step, args):
@@ -209,32 +242,39 @@ NS_COEFFS = (
 ANCHOR_RAW = 0.25  # p >= this: the update is the momentum matrix itself
 
 
-def newton_schulz(G):
+def newton_schulz(G, fused=False):
     """Polar factor of each wide matrix in G [..., m, n] (m <= n) by 5 bf16 iterations.
 
     Returns (X, gram): X approximates U V^T, gram = Xn Xn^T of the first iteration, which
-    Fast-Spectral reuses."""
+    Fast-Spectral reuses. fused: the Triton kernels below (same roundings, CUDA or interpreter)."""
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     gram = None
     for a, b, c in NS_COEFFS:
-        A = X @ X.mT
+        A = gram_xxt(X) if fused else X @ X.mT
         if gram is None:
             gram = A
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        if fused:
+            X = ns_update(ns_poly(A, b, c), X, a)
+        else:
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
     return X, gram
 
 
-def fast_spectral(U, p):
-    """Fast-Spectral(U, p) for wide U [..., m, n]: |U|_F^p (I + dE + d(d-1)/2 E^2) NS(U), d = p/2,
-    E = Un Un^T - I: a second-order Taylor expansion of (Un Un^T)^(p/2)."""
+def fast_spectral(U, p, fused=False):
+    """Fast-Spectral(U, p) for wide U [..., m, n]: |U|_F^p (I + dE + g E^2) NS(U), d = p/2,
+    g = d(d-1)/2, E = Un Un^T - I: a second-order Taylor expansion of (Un Un^T)^(p/2)."""
     norm = U.float().norm(dim=(-2, -1), keepdim=True)
-    Y, gram = newton_schulz(U)
+    Y, gram = newton_schulz(U, fused)
+    d = p / 2
+    g = 0.5 * d * (d - 1)
+    if fused:  # C = (1 - d + g) I + (d - 2g) A + g A^2 in fp32, then |U|^p C Y
+        C = ns_poly(gram, d - 2 * g, g, diag=1 - d + g, out_dtype=torch.float32)
+        return ns_update(C, Y, 0.0, scale=norm.pow(p), out_dtype=torch.bfloat16)
     eye = torch.eye(U.size(-2), device=U.device, dtype=torch.float32)
     E = gram.float() - eye
-    d = p / 2
-    C = eye + d * E + (0.5 * d * (d - 1)) * (E @ E)
+    C = eye + d * E + g * (E @ E)
     return (norm.pow(p) * (C @ Y.float())).bfloat16()
 
 
@@ -245,13 +285,174 @@ def svd_spectral(U, p):
     return ((u * s_p.unsqueeze(-2)) @ vh).bfloat16()
 
 
-def spectral_transform(U, p, spectral="taylor"):
+def spectral_transform(U, p, spectral="taylor", fused=False):
     """The stage-wise operator of DynMuon (positive anchoring) on a batch of wide bf16 matrices."""
     if p >= ANCHOR_RAW:
         return U
     if p >= 0:
-        return newton_schulz(U)[0]
-    return fast_spectral(U, p) if spectral == "taylor" else svd_spectral(U, p)
+        return newton_schulz(U, fused)[0]
+    return fast_spectral(U, p, fused) if spectral == "taylor" else svd_spectral(U, p)
+
+
+# Fused Triton kernels (fp32 accumulation) for the batched NS steps; CPU-testable under TRITON_INTERPRET=1.
+#   _sym_kernel:    Out = alpha X X^T (+ beta X + diag I for square X): only the upper-triangle tiles
+#                   are computed, each stored twice (in place and mirrored). Gives A = X X^T and, as A is
+#                   symmetric (A A = A A^T), B = b A + c A^2 with the b A epilogue fused.
+#   _update_kernel: Out = a X + s (B X), a batched matmul with the a X and per-matrix scale fused.
+# With bf16 outputs the epilogues round each op like eager torch bf16 does, so both paths agree.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_BLOCKS = (32, 64, 4, 1) if TRITON_INTERPRET else (128, 64, 8, 3)  # BLOCK_MN, BLOCK_K, warps, stages
+
+if triton is not None:
+    @triton.jit
+    def _cast(x, dtype: tl.constexpr, EMU: tl.constexpr):
+        """x.to(dtype); under EMU fp32 -> bf16 rounds to nearest-even by hand (the interpreter truncates)."""
+        if EMU and dtype == tl.bfloat16:
+            u = x.to(tl.uint32, bitcast=True)
+            x = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _bf(x, EMU: tl.constexpr):
+        """fp32 x rounded to bf16 and back (what an eager torch bf16 op returns)."""
+        return _cast(x, tl.bfloat16, EMU).to(tl.float32)
+
+    @triton.jit
+    def _sym_kernel(X, Out, pairs, n_pairs, M, K, sxb, sxm, sxk, sob, som, son, alpha, beta, diag,
+                    EPILOGUE: tl.constexpr, RND: tl.constexpr, EMU: tl.constexpr,
+                    BM: tl.constexpr, BK: tl.constexpr):
+        pid, bid = tl.program_id(0), tl.program_id(1)
+        ti = tl.load(pairs + pid)  # tile row <= tile col
+        tj = tl.load(pairs + n_pairs + pid)
+        X += bid.to(tl.int64) * sxb
+        Out += bid.to(tl.int64) * sob
+        ri = ti * BM + tl.arange(0, BM)
+        rj = tj * BM + tl.arange(0, BM)
+        rk = tl.arange(0, BK)
+        pa = X + ri[:, None] * sxm + rk[None, :] * sxk  # rows ri of X         [BM, BK]
+        pb = X + rj[None, :] * sxm + rk[:, None] * sxk  # rows rj of X, as X^T [BK, BM]
+        acc = tl.zeros((BM, BM), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            kk = k * BK + rk
+            a = tl.load(pa, mask=(ri[:, None] < M) & (kk[None, :] < K), other=0.0)
+            b = tl.load(pb, mask=(rj[None, :] < M) & (kk[:, None] < K), other=0.0)
+            if EMU:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc=acc)
+            pa += BK * sxk
+            pb += BK * sxk
+        mask = (ri[:, None] < M) & (rj[None, :] < M)
+        if EPILOGUE:  # X square: alpha X X + beta X + diag I
+            x = tl.load(X + ri[:, None] * sxm + rj[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
+            if RND:  # rounded like eager torch bf16: b * A + c * (A @ A)
+                acc = _bf(alpha * _bf(acc, EMU), EMU) + _bf(beta * x, EMU)
+            else:
+                acc = alpha * acc + beta * x
+            acc += tl.where(ri[:, None] == rj[None, :], diag, 0.0)
+        else:
+            acc = acc * alpha
+        val = _cast(acc, Out.dtype.element_ty, EMU)
+        tl.store(Out + ri[:, None] * som + rj[None, :] * son, val, mask=mask)
+        if ti < tj:  # mirror: Out[rj, ri] = tile^T
+            tl.store(Out + rj[None, :] * som + ri[:, None] * son, val, mask=mask)
+
+    @triton.jit
+    def _update_kernel(Bm, X, Out, scale, M, N, sbb, sbm, sbk, sxb, sxm, sxn, sob, som, son, a,
+                       HAS_SCALE: tl.constexpr, RND: tl.constexpr, EMU: tl.constexpr,
+                       BM: tl.constexpr, BK: tl.constexpr):
+        pid, bid = tl.program_id(0), tl.program_id(1)
+        tiles_m = tl.cdiv(M, BM)
+        pm, pn = pid % tiles_m, pid // tiles_m  # row tiles fastest: neighbours share X's columns
+        Bm += bid.to(tl.int64) * sbb
+        X += bid.to(tl.int64) * sxb
+        Out += bid.to(tl.int64) * sob
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BM + tl.arange(0, BM)
+        rk = tl.arange(0, BK)
+        pb = Bm + rm[:, None] * sbm + rk[None, :] * sbk  # [BM, BK]
+        px = X + rk[:, None] * sxm + rn[None, :] * sxn  # [BK, BN]
+        acc = tl.zeros((BM, BM), dtype=tl.float32)
+        for k in range(0, tl.cdiv(M, BK)):
+            kk = k * BK + rk
+            b = tl.load(pb, mask=(rm[:, None] < M) & (kk[None, :] < M), other=0.0)
+            x = tl.load(px, mask=(kk[:, None] < M) & (rn[None, :] < N), other=0.0)
+            if EMU:
+                b = b.to(tl.float32)
+            acc = tl.dot(b, x.to(b.dtype), acc=acc)  # bf16 B: bf16 MMA; fp32 B: tf32 on GPU
+            pb += BK * sbk
+            px += BK * sxm
+        if HAS_SCALE:
+            acc = acc * tl.load(scale + bid)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if a != 0.0:
+            x = tl.load(X + rm[:, None] * sxm + rn[None, :] * sxn, mask=mask, other=0.0).to(tl.float32)
+            if RND:  # rounded like eager torch bf16: a * X + B @ X
+                acc = _bf(acc, EMU) + _bf(a * x, EMU)
+            else:
+                acc += a * x
+        val = _cast(acc, Out.dtype.element_ty, EMU)
+        tl.store(Out + rm[:, None] * som + rn[None, :] * son, val, mask=mask)
+
+
+_TILE_PAIRS = {}
+
+
+def _triton_args(t):
+    """EMU: fp32 dots and hand-rounded bf16 stores, for the interpreter (its bf16 tl.dot and fp64 dots
+    misbehave, its fp32 -> bf16 cast truncates) and for fp64 inputs."""
+    if triton is None:
+        raise ConfigError("the fused kernels need triton: pip install triton, or use --ns_backend torch")
+    bm, bk, warps, stages = TRITON_BLOCKS
+    return dict(EMU=TRITON_INTERPRET or t.dtype == torch.float64, BM=bm, BK=bk, num_warps=warps,
+                num_stages=stages)
+
+
+def _as3d(t):
+    return t.reshape(-1, *t.shape[-2:])
+
+
+def _sym(X, out, alpha, beta, diag, epilogue, out_dtype, torch_rounding):
+    X3 = _as3d(X)
+    nb, m, k = X3.shape
+    if out is None:
+        out = torch.empty(*X.shape[:-1], m, dtype=out_dtype or X.dtype, device=X.device)
+    O3 = _as3d(out)
+    kwargs = _triton_args(X)
+    tiles = triton.cdiv(m, kwargs["BM"])
+    key = (tiles, str(X.device))
+    if key not in _TILE_PAIRS:  # [2, T(T+1)/2]: (row, col) of the upper-triangle tiles
+        _TILE_PAIRS[key] = torch.triu_indices(tiles, tiles, dtype=torch.int32, device=X.device).contiguous()
+    pairs = _TILE_PAIRS[key]
+    _sym_kernel[(pairs.size(1), nb)](
+        X3, O3, pairs, pairs.size(1), m, k, *X3.stride(), *O3.stride(), float(alpha), float(beta), float(diag),
+        EPILOGUE=epilogue, RND=torch_rounding and out.dtype == torch.bfloat16, **kwargs)
+    return out
+
+
+def gram_xxt(X, out=None, alpha=1.0):
+    """A = alpha X X^T for X [B, m, n]: only the upper-triangle tiles are computed, and mirrored."""
+    return _sym(X, out, alpha, 0.0, 0.0, False, None, False)
+
+
+def ns_poly(A, b, c, diag=0.0, out=None, out_dtype=None, torch_rounding=True):
+    """b A + c A A + diag I for symmetric A [B, m, m]. torch_rounding (bf16 output): round each op as
+    eager torch does; else round once (a little more accurate, not bit-alike with the torch path)."""
+    return _sym(A, out, c, b, diag, True, out_dtype, torch_rounding)
+
+
+def ns_update(B, X, a, scale=None, out=None, out_dtype=None, torch_rounding=True):
+    """a X + s B X for B [B, m, m], X [B, m, n]; s = scale (one fp32 per matrix) or 1."""
+    B3, X3 = _as3d(B), _as3d(X)
+    nb, m, n = X3.shape
+    if out is None:
+        out = torch.empty(X.shape, dtype=out_dtype or X.dtype, device=X.device)
+    O3 = _as3d(out)
+    kwargs = _triton_args(B)
+    s = scale.reshape(-1).float().contiguous() if scale is not None else X3
+    _update_kernel[(triton.cdiv(m, kwargs["BM"]) * triton.cdiv(n, kwargs["BM"]), nb)](
+        B3, X3, O3, s, m, n, *B3.stride(), *X3.stride(), *O3.stride(), float(a),
+        HAS_SCALE=scale is not None, RND=torch_rounding and out.dtype == torch.bfloat16, **kwargs)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -271,9 +472,9 @@ class DynMuon(torch.optim.Optimizer):
     Under torch.distributed every rank holds the averaged gradients and all momenta; the
     transforms of each same-shape group are split across ranks and all-gathered."""
 
-    def __init__(self, params, lr, mu, weight_decay, p_schedule, spectral="taylor", normuon=False):
+    def __init__(self, params, lr, mu, weight_decay, p_schedule, spectral="taylor", normuon=False, fused=False):
         super().__init__(params, dict(lr=lr, mu=mu, weight_decay=weight_decay, step=0))
-        self.p_schedule, self.spectral, self.normuon = p_schedule, spectral, normuon
+        self.p_schedule, self.spectral, self.normuon, self.fused = p_schedule, spectral, normuon, fused
         self.last_p = None
 
     def _shape_groups(self):
@@ -313,13 +514,13 @@ class DynMuon(torch.optim.Optimizer):
         if p >= ANCHOR_RAW:  # identity: no work to split
             return wide
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return spectral_transform(wide, p, self.spectral)
+            return spectral_transform(wide, p, self.spectral, self.fused)
         world, rank = dist.get_world_size(), dist.get_rank()
         count = wide.size(0)
         per_rank = -(-count // world)
         padded = torch.zeros(per_rank * world, *wide.shape[1:], dtype=wide.dtype, device=wide.device)
         padded[:count] = wide
-        mine = spectral_transform(padded[rank * per_rank:(rank + 1) * per_rank], p, self.spectral)
+        mine = spectral_transform(padded[rank * per_rank:(rank + 1) * per_rank], p, self.spectral, self.fused)
         gathered = torch.empty_like(padded)
         dist.all_gather_into_tensor(gathered, mine.contiguous())
         return gathered[:count]
@@ -340,8 +541,9 @@ class DynMuon(torch.optim.Optimizer):
 def build_optimizers(model, args):
     """(Dyn)Muon/NorMuon for the hidden matrices plus AdamW for embedding and head, or AdamW for all.
     Each group remembers its base lr in 'initial_lr'; the LR schedule multiplies it."""
-    matrices = [p for p in model.blocks.parameters()]
-    scalars = [model.embed.weight, model.lm_head]
+    matrices = model.matrices()
+    in_matrices = {id(p) for p in matrices}
+    scalars = [p for p in model.parameters() if id(p) not in in_matrices]  # embedding, head, biases, norms
     adamw = dict(betas=ADAM_BETAS, eps=ADAM_EPS)
     if args.optimizer == "adamw":
         opts = [torch.optim.AdamW([dict(params=matrices, lr=args.lr, weight_decay=args.weight_decay),
@@ -350,7 +552,7 @@ def build_optimizers(model, args):
         opts = [torch.optim.AdamW(scalars, lr=args.scalar_lr, weight_decay=0.0, **adamw),
                 DynMuon(matrices, lr=args.lr, mu=args.mu, weight_decay=args.weight_decay,
                         p_schedule=make_p_schedule(args), spectral=args.spectral,
-                        normuon=args.optimizer == "normuon")]
+                        normuon=args.optimizer == "normuon", fused=args.ns_backend == "triton")]
     for opt in opts:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -386,12 +588,14 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim, n_head, max_len):
+    """GPT attention: q, k, v, o of d x d, RMS QK-norm, RoPE, causal SDPA."""
+
+    def __init__(self, dim, n_head, max_len, rope_base):
         super().__init__()
         self.n_head = n_head
         self.qkv = nn.Parameter(torch.empty(3, dim, dim))  # q, k, v: three matrices for the optimizer
         self.out = nn.Parameter(torch.empty(dim, dim))
-        self.rotary = Rotary(dim // n_head, max_len)
+        self.rotary = Rotary(dim // n_head, max_len, rope_base)
 
     def forward(self, x):
         B, T, D = x.shape
@@ -402,50 +606,112 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, hidden):
         super().__init__()
-        self.fc = nn.Parameter(torch.empty(4 * dim, dim))
-        self.proj = nn.Parameter(torch.empty(dim, 4 * dim))
+        self.fc = nn.Parameter(torch.empty(hidden, dim))
+        self.proj = nn.Parameter(torch.empty(dim, hidden))
 
     def forward(self, x):
         return F.linear(F.relu(F.linear(x, self.fc)).square(), self.proj)
 
 
 class Block(nn.Module):
-    def __init__(self, dim, n_head, max_len):
+    def __init__(self, dim, n_head, max_len, rope_base, hidden):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, n_head, max_len)
-        self.mlp = MLP(dim)
+        self.attn = CausalSelfAttention(dim, n_head, max_len, rope_base)
+        self.mlp = MLP(dim, hidden)
 
     def forward(self, x):
         x = x + self.attn(rms_norm(x))
         return x + self.mlp(rms_norm(x))
 
 
-class GPT(nn.Module):
-    def __init__(self, vocab_size, dim, n_layer, n_head, max_len):
+class GQAttention(nn.Module):
+    """Qwen attention: grouped-query (n_kv_head shared k/v heads), q/k/v with bias, no QK-norm."""
+
+    def __init__(self, dim, n_head, n_kv_head, max_len, rope_base):
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, dim)
-        self.blocks = nn.ModuleList(Block(dim, n_head, max_len) for _ in range(n_layer))
-        self.lm_head = nn.Parameter(torch.empty(vocab_size, dim))  # untied
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
+        kv_dim = n_kv_head * self.head_dim
+        self.q = nn.Parameter(torch.empty(dim, dim))
+        self.kv = nn.Parameter(torch.empty(2, kv_dim, dim))  # k, v: two matrices for the optimizer
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.kv_bias = nn.Parameter(torch.zeros(2, kv_dim))
+        self.out = nn.Parameter(torch.empty(dim, dim))
+        self.rotary = Rotary(self.head_dim, max_len, rope_base)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q = F.linear(x, self.q, self.q_bias).view(B, T, self.n_head, self.head_dim)
+        k, v = F.linear(x, self.kv.flatten(0, 1), self.kv_bias.flatten()).view(
+            B, T, 2, self.n_kv_head, self.head_dim).unbind(2)
+        q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        return F.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(2, hidden, dim))  # gate, up: two matrices
+        self.down = nn.Parameter(torch.empty(dim, hidden))
+
+    def forward(self, x):
+        gate, up = F.linear(x, self.gate_up.flatten(0, 1)).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down)
+
+
+class QwenBlock(nn.Module):
+    def __init__(self, dim, n_head, n_kv_head, max_len, rope_base, hidden):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.attn = GQAttention(dim, n_head, n_kv_head, max_len, rope_base)
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Token embedding, blocks, final RMSNorm, untied lm_head; returns the mean cross-entropy (fp32 logits)."""
+
+    def __init__(self, args):
+        super().__init__()
+        dim, max_len = args.model_dim, args.sequence_length
+        self.embed = nn.Embedding(args.vocab_size, dim)
+        if args.arch == "qwen":
+            self.blocks = nn.ModuleList(QwenBlock(dim, args.n_head, args.n_kv_head, max_len, args.rope_base,
+                                                  args.mlp_hidden) for _ in range(args.n_layer))
+            self.final_norm = nn.RMSNorm(dim, eps=1e-6)
+        else:
+            self.blocks = nn.ModuleList(Block(dim, args.n_head, max_len, args.rope_base, args.mlp_hidden)
+                                        for _ in range(args.n_layer))
+            self.final_norm = rms_norm
+        self.lm_head = nn.Parameter(torch.empty(args.vocab_size, dim))  # untied
         self.reset_parameters()
 
     def reset_parameters(self):
         nn.init.normal_(self.embed.weight, std=0.02)
-        for p in [*self.blocks.parameters(), self.lm_head]:
+        for p in [*self.matrices(), self.lm_head]:
             init_linear_(p)
+
+    def matrices(self):
+        """The hidden matrices (the Muon family's parameters); biases and norm weights are not."""
+        return [p for p in self.blocks.parameters() if p.ndim >= 2]
 
     def forward(self, idx, targets):
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
-        logits = F.linear(rms_norm(x), self.lm_head).float()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        logits = F.linear(self.final_norm(x), self.lm_head).float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def build_model(args, device="cpu"):
     with torch.device(device):
-        return GPT(args.vocab_size, args.model_dim, args.n_layer, args.n_head, args.sequence_length)
+        return GPT(args)
 
 
 def count_parameters(model):
@@ -606,7 +872,7 @@ def check_data(val_path, train_shards, args, warn):
 RESUME_NEUTRAL_FLAGS = {  # may differ between a checkpoint and the run that resumes it
     "data_dir", "device_batch_size", "micro_batch_size", "val_loss_every", "device", "no_compile", "log_dir",
     "run_name", "wandb", "dry_run", "target_loss", "record", "checkpoint_dir", "checkpoint_freq",
-    "keep_checkpoints", "resume"}
+    "keep_checkpoints", "resume", "ns_backend"}
 CODE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
@@ -982,7 +1248,8 @@ def train(args, rank, world, local):
 
     if rank == 0:
         from tqdm import tqdm
-        _progress = tqdm(total=T, initial=run["step"], desc=args.run_name, dynamic_ncols=True, file=sys.stdout)
+        _progress = tqdm(total=T, initial=run["step"], desc=args.run_name, dynamic_ncols=True, file=sys.stdout,
+                         mininterval=1.0 if sys.stdout.isatty() else 60.0)  # batch-job logs: a line a minute
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     first_step = True  # excluded from step_avg: compilation and warm-up
     while True:

@@ -115,7 +115,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_data):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(model_dim=32), "cannot resume: --model_dim 64 (checkpoint) vs 32 (now)"),
+    (dict(model_dim=32), "--model_dim 64 (checkpoint) vs 32 (now)"),
     (dict(lr=0.05), "cannot resume: --lr"),
     (dict(resume="CORRUPT"), "truncated or corrupt"),
     (dict(resume=None), "already exists: choose another --run_name"),

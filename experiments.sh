@@ -1,0 +1,81 @@
+# experiments.sh: the runs of each paper figure/table; sourced by run.sh, not run on its own.
+#
+#   ./run.sh <experiment> [--list] [extra trainer flags]
+#   python records/compare.py logs/<experiment>/*.txt
+#
+# exp_<name> calls `run_one [VAR=value ...] [-- trainer flags]` (run.sh) once per run, in order.
+# Each run logs to logs/<name>/<run_name>.txt and checkpoints to checkpoints/<name>/<run_name>/
+# with --resume auto, so rerunning an experiment continues an interrupted run and skips finished
+# ones. Constants an experiment does not vary (SEED, WD, NPROC, MICRO_BATCH, ...) come from run.sh
+# and the environment. The line after `exp_<name>() {  #` is the help text.
+
+EXPERIMENTS="main_table lr_sweep pmin_ablation tauw_ablation schedule_ablation svd_vs_taylor fineweb_edu token_budget seeds normuon qwen"
+
+exp_main_table() {  # Table 1: 127M/601M/1.1B x 10B/20B tokens x muon/dynmuon/adamw (18 runs)
+  local model tokens opt
+  for model in 127M 601M 1.1B; do
+    for tokens in 10B 20B; do
+      for opt in muon dynmuon adamw; do run_one MODEL=$model TOKENS=$tokens OPT=$opt; done
+    done
+  done
+}
+
+exp_lr_sweep() {  # 127M, 10B: lr 0.003/0.005/0.01/0.02/0.04 x muon/dynmuon (10 runs)
+  local opt lr
+  for opt in muon dynmuon; do
+    for lr in 0.003 0.005 0.01 0.02 0.04; do run_one MODEL=127M TOKENS=10B OPT=$opt LR=$lr TAG=lr$lr; done
+  done
+}
+
+exp_pmin_ablation() {  # 127M dynmuon: p_min -0.1/-0.25/-0.5 (3 runs)
+  local p
+  for p in -0.1 -0.25 -0.5; do run_one MODEL=127M TOKENS=10B OPT=dynmuon PMIN=$p TAG=pmin$p; done
+}
+
+exp_tauw_ablation() {  # 127M dynmuon: (tau, w) in {0.02,0.04,0.08}^2 (9 runs)
+  local tau w
+  for tau in 0.02 0.04 0.08; do
+    for w in 0.02 0.04 0.08; do run_one MODEL=127M TOKENS=10B OPT=dynmuon TAU=$tau W=$w TAG=tau${tau}_w$w; done
+  done
+}
+
+exp_schedule_ablation() {  # 127M dynmuon: logistic vs abrupt switch at step 500 vs fixed p_min (3 runs)
+  local base=(MODEL=127M TOKENS=10B OPT=dynmuon)
+  run_one "${base[@]}" TAG=logistic -- --p_schedule logistic
+  run_one "${base[@]}" TAG=switch500 -- --p_schedule switch --p_switch_step 500  # p_max until 500, then p_min
+  run_one "${base[@]}" TAG=fixed -- --p_schedule fixed                           # p_min throughout
+}
+
+exp_svd_vs_taylor() {  # 127M dynmuon: Fast-Spectral (Taylor) vs exact SVD shaping (2 runs)
+  local s
+  for s in taylor svd; do run_one MODEL=127M TOKENS=10B OPT=dynmuon TAG=$s -- --spectral $s; done
+}
+
+exp_fineweb_edu() {  # 127M, 10B tokens of FineWeb-Edu (data/finewebedu10B): muon vs dynmuon (2 runs)
+  local opt
+  for opt in muon dynmuon; do run_one MODEL=127M TOKENS=10B OPT=$opt DATA_VARIANT=edu10B TAG=edu; done
+}
+
+exp_token_budget() {  # 601M: muon/dynmuon at 2.5B/5B/10B/20B tokens = 5000/10000/20000/38000 steps (8 runs)
+  local opt tokens
+  for opt in muon dynmuon; do
+    for tokens in 2.5B 5B 10B 20B; do run_one MODEL=601M TOKENS=$tokens OPT=$opt; done
+  done
+}
+
+exp_seeds() {  # 127M, 10B: muon/dynmuon at seeds 0, 1, 42 (6 runs)
+  local opt seed
+  for opt in muon dynmuon; do
+    for seed in 0 1 42; do run_one MODEL=127M TOKENS=10B OPT=$opt SEED=$seed; done
+  done
+}
+
+exp_normuon() {  # 127M, 10B: normuon vs dynmuon (2 runs)
+  local opt
+  for opt in normuon dynmuon; do run_one MODEL=127M TOKENS=10B OPT=$opt; done
+}
+
+exp_qwen() {  # Table 3: Qwen-style 171M, 10B: muon vs dynmuon (2 runs)
+  local opt
+  for opt in muon dynmuon; do run_one MODEL=qwen171M TOKENS=10B OPT=$opt; done
+}
