@@ -86,7 +86,7 @@ fetch_data() {  # fetch_data VARIANT DIR ITERS: the shards a run reads, download
 
 # run_one [VAR=value ...] [-- trainer flags]: one training run, with these constants changed
 # (MODEL, OPT, TOKENS, SEED, LR, PMIN, TAU, W, DATA_VARIANT; TAG names an experiment's variant).
-# The command line's trainer flags ("${EXTRA[@]}") come last.
+# The command line's trainer flags (EXTRA) come last.
 run_one() {
   local MODEL=$MODEL OPT=$OPT TOKENS=$TOKENS SEED=$SEED LR=$LR PMIN=$PMIN TAU=$TAU W=$W
   local DATA_VARIANT=$DATA_VARIANT TAG=
@@ -132,7 +132,7 @@ run_one() {
   cmd+=(--weight_decay "$WD" --mu "$MU" --scalar_lr "$SCALAR_LR")
   [[ $OPT == dynmuon ]] && cmd+=(--dynmuon_pmax "$PMAX" --dynmuon_pmin "$PMIN" --dynmuon_tau "$TAU" --dynmuon_w "$W")
   cmd+=(--seed "$SEED" --log_dir "$log_dir" --run_name "$name"
-    --checkpoint_dir "$ckpt_dir" --checkpoint_freq "$CHECKPOINT_FREQ" --resume auto "$@" "${EXTRA[@]}")
+    --checkpoint_dir "$ckpt_dir" --checkpoint_freq "$CHECKPOINT_FREQ" --resume auto "$@" ${EXTRA[@]+"${EXTRA[@]}"})
 
   if ((LIST)); then
     [[ -n $EXPERIMENT ]] || fetch_data "$variant" "$data_dir" "$iters"
@@ -164,7 +164,7 @@ cpu_run() {  # no CUDA GPU: a small but real run of the tiny preset on synthetic
   cmd+=(--weight_decay "$WD" --mu "$MU" --scalar_lr 0.01)
   [[ $OPT == dynmuon ]] && cmd+=(--dynmuon_pmax "$PMAX" --dynmuon_pmin "$PMIN" --dynmuon_tau "$TAU" --dynmuon_w "$W")
   cmd+=(--seed "$SEED" --log_dir "$LOG_DIR" --run_name "$name"
-    --checkpoint_dir "checkpoints/$name" --checkpoint_freq "$CHECKPOINT_FREQ" --resume auto "${EXTRA[@]}")
+    --checkpoint_dir "checkpoints/$name" --checkpoint_freq "$CHECKPOINT_FREQ" --resume auto ${EXTRA[@]+"${EXTRA[@]}"})
   run_cmd "${cmd[@]}"
 }
 

@@ -94,6 +94,7 @@ def test_every_listed_command_parses_with_the_trainer(name):
             skipped += 1
             continue
         args = train_gpt.build_arg_parser().parse_args(flags)
+        train_gpt.validate_flags(train_gpt.resolve_config(flags), world_size=8)  # presets, batch divisibility
         assert args.batch_size == 512 and args.sequence_length == 1024 and args.device_batch_size == 64
         assert args.batch_size % (args.device_batch_size * 8) == 0
         assert args.device_batch_size % args.micro_batch_size == 0
