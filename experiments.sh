@@ -9,7 +9,7 @@
 # ones. Constants an experiment does not vary (SEED, WD, NPROC, MICRO_BATCH, ...) come from run.sh
 # and the environment. The line after `exp_<name>() {  #` is the help text.
 
-EXPERIMENTS="main_table lr_sweep pmin_ablation tauw_ablation schedule_ablation svd_vs_taylor fineweb_edu token_budget seeds normuon qwen"
+EXPERIMENTS="main_table lr_sweep pmin_ablation tauw_ablation schedule_ablation svd_vs_taylor fineweb_edu token_budget seeds normuon qwen small_scale"
 
 exp_main_table() {  # Table 1: 127M/601M/1.1B x 10B/20B tokens x muon/dynmuon/adamw (18 runs)
   local model tokens opt
@@ -78,4 +78,57 @@ exp_normuon() {  # 127M, 10B: normuon vs dynmuon (2 runs)
 exp_qwen() {  # Table 3: Qwen-style 171M, 10B: muon vs dynmuon (2 runs)
   local opt
   for opt in muon dynmuon; do run_one MODEL=qwen171M TOKENS=10B OPT=$opt; done
+}
+
+# Small-scale study (records/*_small_scale): a 49M model (d=384, 6 layers) on real text, one GPU, one
+# epoch of a ~6.8M-token corpus: 400 steps of 32 x 512 tokens, the paper's ratios (warmup 1%, warmdown
+# 20%), evaluation every 20 steps on the whole held-out split. The seed varies the initialisation only.
+SMALL_DATA=${SMALL_DATA:-$DATA_ROOT/small_scale_prose}
+SMALL_CORPUS=${SMALL_CORPUS:-../shared/corpus/prose.jsonl.gz}
+SMALL_BPE=${SMALL_BPE:-../shared/tokenizer/gpt2.tiktoken}
+SMALL_FLAGS=(--model tiny --model_dim 384 --n_layer 6 --n_head 6 --batch_size 32 --device_batch_size 32
+  --sequence_length 512 --num_iterations 400 --warmup_ratio 0.01 --warmdown_ratio 0.2 --val_loss_every 20
+  --val_tokens 491520)
+
+small_run() {  # small_run NAME [trainer flags]: one run of the study, skipped if its log is complete
+  local name=$1 log=$LOG_DIR/small_scale/$1.txt
+  shift
+  if ((!LIST)) && grep -q '^step:400/400 val_loss' "$log" 2>/dev/null; then
+    echo "run.sh: $name finished: skipped" >&2
+    return 0
+  fi
+  ((LIST)) || rm -f "$log" "${log%.txt}.jsonl"  # an unfinished run starts over (runs take seconds)
+  run_cmd "$PYTHON" train_gpt.py --data_dir "$SMALL_DATA" "${SMALL_FLAGS[@]}" --log_dir "$LOG_DIR/small_scale" \
+    --run_name "$name" "$@" ${EXTRA[@]+"${EXTRA[@]}"}
+}
+
+best_lr() {  # best_lr OPT: the lr of the lowest best val loss among small_scale sweep logs of OPT
+  "$PYTHON" records/compare.py "$LOG_DIR"/small_scale/"$1"_lr*_seed0.txt --target 0 --json | "$PYTHON" -c '
+import json, re, sys
+runs = json.load(sys.stdin)["runs"]
+best = min(runs, key=lambda r: r["best_val_loss"])
+print(re.search(r"_lr([0-9.]+)_", best["name"]).group(1))'
+}
+
+exp_small_scale() {  # one GPU, minutes: 49M model on real text, lr sweeps of muon/dynmuon/adamw, svd, 3 seeds
+  if [[ ! -f $SMALL_DATA/fineweb_val_000000.bin ]]; then
+    run_cmd "$PYTHON" data/tokenize_shards.py "$SMALL_CORPUS" --out_dir "$SMALL_DATA" --bpe_file "$SMALL_BPE" \
+      --shard_size 8000000 --val_tokens 491521 --shuffle_seed 0 --workers 4
+  fi
+  local opt lr seed
+  for opt in muon dynmuon; do
+    for lr in 0.005 0.01 0.02 0.04; do small_run "${opt}_lr${lr}_seed0" --optimizer $opt --lr $lr; done
+  done
+  for lr in 0.001 0.002 0.004; do small_run "adamw_lr${lr}_seed0" --optimizer adamw --lr $lr; done
+  if ((LIST)); then
+    echo "# then, at the best lr of each (lowest best val loss): seeds 1 and 42 for muon and dynmuon, and dynmuon --spectral svd"
+    return 0
+  fi
+  for opt in muon dynmuon; do
+    lr=$(best_lr $opt)
+    for seed in 1 42; do small_run "${opt}_lr${lr}_seed$seed" --optimizer $opt --lr "$lr" --seed $seed; done
+  done
+  lr=$(best_lr dynmuon)
+  small_run "dynmuon-svd_lr${lr}_seed0" --optimizer dynmuon --lr "$lr" --spectral svd
+  "$PYTHON" records/small_scale_table.py "$LOG_DIR/small_scale"
 }

@@ -189,7 +189,9 @@ for a in "$@"; do
   if [[ $a == --list ]]; then LIST=1; else EXTRA+=("$a"); fi
 done
 
-if [[ -n $EXPERIMENT ]]; then
+if [[ $EXPERIMENT == small_scale ]]; then
+  exp_small_scale  # one GPU (or CPU, slowly): plain python, no torchrun
+elif [[ -n $EXPERIMENT ]]; then
   ((NPROC > 0)) || die "experiment $EXPERIMENT needs CUDA GPUs and none were found (NPROC=0); set NPROC=N to list or run it for N GPUs"
   "exp_$EXPERIMENT"
 elif ((NPROC > 0)); then
