@@ -40,7 +40,8 @@ SEED=${SEED:-0}
 CHECKPOINT_FREQ=${CHECKPOINT_FREQ:-1000}
 LOG_DIR=${LOG_DIR:-logs}
 RUN_NAME=${RUN_NAME:-}        # empty: ${OPT}_${MODEL}_${TOKENS}_seed${SEED} (single runs; experiments name theirs)
-# Empty = derived per run: MICRO_BATCH from MODEL, NUM_ITERATIONS and DATA_VARIANT from TOKENS
+# Empty = derived per run: NUM_ITERATIONS and DATA_VARIANT from TOKENS; MICRO_BATCH by the trainer
+# (the preset's size that fits an 80 GB GPU: train_gpt.py MICRO_BATCH_80GB)
 MICRO_BATCH=${MICRO_BATCH:-}
 NUM_ITERATIONS=${NUM_ITERATIONS:-}
 DATA_VARIANT=${DATA_VARIANT:-}  # 10B | 100B | edu10B
@@ -93,12 +94,10 @@ run_one() {
   while (($#)) && [[ $1 == *=* ]]; do local "$1"; shift; done
   if [[ ${1:-} == -- ]]; then shift; fi
 
-  local micro model_flags=(--model "$MODEL")
-  case $MODEL in  # sequences per forward pass that fit an 80 GB H100
-    127M) micro=64 ;;
-    601M) micro=16 ;;
-    1.1B) micro=16 ;;
-    qwen171M) micro=32 model_flags=(--arch qwen --model qwen171M) ;;
+  local model_flags=(--model "$MODEL")
+  case $MODEL in
+    127M|601M|1.1B) ;;
+    qwen171M) model_flags=(--arch qwen --model qwen171M) ;;
     *) die "MODEL=$MODEL: expected 127M, 601M, 1.1B or qwen171M" ;;
   esac
   local iters variant=10B
@@ -125,7 +124,7 @@ run_one() {
 
   local cmd=(torchrun --standalone "--nproc_per_node=$NPROC" train_gpt.py
     "${model_flags[@]}" --optimizer "$OPT" --data_dir "$data_dir"
-    --batch_size "$BATCH_SIZE" --device_batch_size "$DEVICE_BATCH_SIZE" --micro_batch_size "${MICRO_BATCH:-$micro}"
+    --batch_size "$BATCH_SIZE" --device_batch_size "$DEVICE_BATCH_SIZE" ${MICRO_BATCH:+--micro_batch_size "$MICRO_BATCH"}
     --sequence_length "$SEQ_LEN" --num_iterations "$iters" --warmup_ratio "$WARMUP" --warmdown_ratio "$WARMDOWN"
     --val_loss_every "$VAL_EVERY" --val_tokens "$VAL_TOKENS")
   [[ -n $LR ]] && cmd+=(--lr "$LR")

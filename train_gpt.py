@@ -44,6 +44,10 @@ ARCH_DEFAULTS = {  # n_kv_head (None: = n_head), mlp_hidden (None: 4d), rope_bas
     "gpt": (None, None, 10000.0),
     "qwen": (2, 2816, 1e6),
 }
+MICRO_BATCH_80GB = {"127M": 64, "601M": 16, "1.1B": 16, "qwen171M": 32}  # measured peaks on H100 80 GB:
+#                                     38.4, 29.6, 44.3, 25.2 GiB (bench/NOTES.md); the next size up does not fit
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 128
 LR_DEFAULTS = {"dynmuon": 0.01, "muon": 0.01, "normuon": 0.01, "adamw": 0.002}
 ADAM_BETAS = (0.9, 0.95)
@@ -65,7 +69,8 @@ def build_arg_parser():
     a("--batch_size", type=int, default=512, help="global batch, in sequences per optimizer step")
     a("--device_batch_size", type=int, default=64, help="sequences per forward pass on one device (paper's meaning)")
     a("--micro_batch_size", type=int, default=0,
-      help="sequences per forward pass, to save memory; 0 = device_batch_size. Does not change the math")
+      help="sequences per forward pass, to save memory; does not change the math. 0 = on CUDA the preset's "
+           f"size that fits an 80 GB GPU {MICRO_BATCH_80GB} (capped by device_batch_size), else device_batch_size")
     a("--sequence_length", type=int, default=1024, help="tokens per sequence")
     a("--num_iterations", type=int, default=20000, help="optimizer steps T")
     a("--warmup_ratio", type=float, default=0.01, help="fraction of T with linear LR warmup")
@@ -110,6 +115,13 @@ def build_arg_parser():
     a("--seed", type=int, default=0, help="seed of the initialisation")
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     a("--no_compile", action="store_true", help="do not torch.compile the model (always off on CPU)")
+    a("--compile_mode", choices=COMPILE_MODES, default="default",
+      help="torch.compile mode of the model (max-autotune: longer compile, may pick faster kernels)")
+    a("--loss_chunk", type=int, default=0,
+      help="compute lm_head + cross-entropy this many tokens at a time, so the full fp32 logits of a "
+           "micro-batch are never held (same math); 0 = all at once")
+    a("--attention", choices=SDPA_BACKENDS, default="auto",
+      help="scaled_dot_product_attention backend; auto = PyTorch's choice")
     a("--log_dir", default="logs", help="folder of <run_name>.txt and <run_name>.jsonl")
     a("--run_name", default=None, help="default: <optimizer>_<model>_<date-time>")
     a("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
@@ -119,7 +131,8 @@ def build_arg_parser():
       help="take --target_loss from a records entry: a records/records.json name or a records/<dir>/ run")
     # checkpoints
     a("--checkpoint_dir", default=None, help="folder of this run's checkpoints (one run per folder)")
-    a("--checkpoint_freq", type=int, default=0, help="checkpoint every N steps (0: only at the end and on SIGTERM/SIGINT)")
+    a("--checkpoint_freq", type=int, default=0,
+      help="checkpoint every N steps (0: only at the end and on SIGTERM/SIGINT)")
     a("--keep_checkpoints", type=int, default=3, help="how many of the newest checkpoints to keep")
     a("--resume", default=None, help="'auto': newest valid checkpoint in --checkpoint_dir (fresh start if none); "
                                       "or the path of a checkpoint .pt file")
@@ -141,16 +154,22 @@ def resolve_config(argv=None):
     args.mlp_hidden = args.mlp_hidden or 4 * args.model_dim
     if args.lr is None:
         args.lr = LR_DEFAULTS[args.optimizer]
-    if args.micro_batch_size == 0:
-        args.micro_batch_size = args.device_batch_size
-    if args.run_name is None and args.resume is None:
-        args.run_name = default_run_name(args)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.micro_batch_size == 0:
+        args.micro_batch_size = default_micro_batch(args.model, args.device, args.device_batch_size)
+    if args.run_name is None and args.resume is None:
+        args.run_name = default_run_name(args)
     if args.ns_backend == "auto":
         args.ns_backend = "triton" if (args.device == "cuda" and triton is not None) else "torch"
     validate_flags(args)
     return args
+
+
+def default_micro_batch(model, device, device_batch_size):
+    """On CUDA the preset's micro-batch for 80 GB (a divisor of device_batch_size), else device_batch_size."""
+    fits = MICRO_BATCH_80GB.get(model, device_batch_size) if device == "cuda" else device_batch_size
+    return math.gcd(fits, device_batch_size)
 
 
 def default_run_name(args):
@@ -164,6 +183,7 @@ def validate_flags(args, world_size=1):
     for name in ("batch_size", "device_batch_size", "micro_batch_size", "sequence_length", "num_iterations",
                  "val_loss_every", "val_tokens", "model_dim", "n_layer", "n_head", "vocab_size"):
         need(getattr(args, name) > 0, f"--{name} must be positive, got {getattr(args, name)}")
+    need(args.loss_chunk >= 0, f"--loss_chunk must be >= 0 (0 = off), got {args.loss_chunk}")
     need(args.batch_size % (args.device_batch_size * world_size) == 0,
          f"--batch_size {args.batch_size} must be a multiple of --device_batch_size {args.device_batch_size} "
          f"x {world_size} processes: change one of them")
@@ -269,9 +289,10 @@ def fast_spectral(U, p, fused=False):
     Y, gram = newton_schulz(U, fused)
     d = p / 2
     g = 0.5 * d * (d - 1)
-    if fused:  # C = (1 - d + g) I + (d - 2g) A + g A^2 in fp32, then |U|^p C Y
-        C = ns_poly(gram, d - 2 * g, g, diag=1 - d + g, out_dtype=torch.float32)
-        return ns_update(C, Y, 0.0, scale=norm.pow(p), out_dtype=torch.bfloat16)
+    if fused:  # C Y = (1 - d + g) Y + P Y, P = (d - 2g) A + g A^2. A's eigenvalues sum to 1, so P Y is a small
+        # term: bf16 P (bf16 MMA, fp32 accumulate) costs less accuracy than a tf32 product with C would
+        P = ns_poly(gram, d - 2 * g, g, torch_rounding=False)
+        return ns_update(P, Y, 1 - d + g, scale=norm.pow(p), torch_rounding=False)
     eye = torch.eye(U.size(-2), device=U.device, dtype=torch.float32)
     E = gram.float() - eye
     C = eye + d * E + g * (E @ E)
@@ -298,7 +319,7 @@ def spectral_transform(U, p, spectral="taylor", fused=False):
 #   _sym_kernel:    Out = alpha X X^T (+ beta X + diag I for square X): only the upper-triangle tiles
 #                   are computed, each stored twice (in place and mirrored). Gives A = X X^T and, as A is
 #                   symmetric (A A = A A^T), B = b A + c A^2 with the b A epilogue fused.
-#   _update_kernel: Out = a X + s (B X), a batched matmul with the a X and per-matrix scale fused.
+#   _update_kernel: Out = s (a X + B X), a batched matmul with the a X and per-matrix scale fused.
 # With bf16 outputs the epilogues round each op like eager torch bf16 does, so both paths agree.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_BLOCKS = (32, 64, 4, 1) if TRITON_INTERPRET else (128, 64, 8, 3)  # BLOCK_MN, BLOCK_K, warps, stages
@@ -381,8 +402,6 @@ if triton is not None:
             acc = tl.dot(b, x.to(b.dtype), acc=acc)  # bf16 B: bf16 MMA; fp32 B: tf32 on GPU
             pb += BK * sbk
             px += BK * sxm
-        if HAS_SCALE:
-            acc = acc * tl.load(scale + bid)
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         if a != 0.0:
             x = tl.load(X + rm[:, None] * sxm + rn[None, :] * sxn, mask=mask, other=0.0).to(tl.float32)
@@ -390,6 +409,8 @@ if triton is not None:
                 acc = _bf(acc, EMU) + _bf(a * x, EMU)
             else:
                 acc += a * x
+        if HAS_SCALE:
+            acc = acc * tl.load(scale + bid)
         val = _cast(acc, Out.dtype.element_ty, EMU)
         tl.store(Out + rm[:, None] * som + rn[None, :] * son, val, mask=mask)
 
@@ -441,7 +462,7 @@ def ns_poly(A, b, c, diag=0.0, out=None, out_dtype=None, torch_rounding=True):
 
 
 def ns_update(B, X, a, scale=None, out=None, out_dtype=None, torch_rounding=True):
-    """a X + s B X for B [B, m, m], X [B, m, n]; s = scale (one fp32 per matrix) or 1."""
+    """s (a X + B X) for B [B, m, m], X [B, m, n]; s = scale (one fp32 per matrix) or 1."""
     B3, X3 = _as3d(B), _as3d(X)
     nb, m, n = X3.shape
     if out is None:
@@ -491,10 +512,15 @@ class DynMuon(torch.optim.Optimizer):
         for group in self.param_groups:
             group["step"] += 1
         p = self.last_p = self.p_schedule(self.param_groups[0]["step"])
-        for (m, n), members in self._shape_groups().items():
+        launched = []  # every shape group's transform is started (and its all-gather in flight) before any waits
+        for members in self._shape_groups().values():
             updates = [as_wide(self._nesterov_update(w, group)) for w, group in members]
-            out = self._distributed_transform(torch.cat(updates), p)
-            for (w, group), o in zip(members, out.split([u.size(0) for u in updates])):
+            out, gather = self._distributed_transform(torch.cat(updates), p)
+            launched.append((members, [u.size(0) for u in updates], out, gather))
+        for members, counts, out, gather in launched:
+            if gather is not None:
+                gather.wait()
+            for (w, group), o in zip(members, out.split(counts)):
                 o = (o.mT if w.size(-2) > w.size(-1) else o).reshape(w.shape)
                 if self.normuon:
                     o = self._normalize_rows(w, o)
@@ -511,10 +537,12 @@ class DynMuon(torch.optim.Optimizer):
         return (group["mu"] * M + g).bfloat16()
 
     def _distributed_transform(self, wide, p):
+        """(transformed stack, pending all-gather or None): this rank transforms its share of the stack and
+        starts gathering the others' shares asynchronously; the stack is valid once the gather is waited on."""
         if p >= ANCHOR_RAW:  # identity: no work to split
-            return wide
+            return wide, None
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return spectral_transform(wide, p, self.spectral, self.fused)
+            return spectral_transform(wide, p, self.spectral, self.fused), None
         world, rank = dist.get_world_size(), dist.get_rank()
         count = wide.size(0)
         per_rank = -(-count // world)
@@ -522,8 +550,8 @@ class DynMuon(torch.optim.Optimizer):
         padded[:count] = wide
         mine = spectral_transform(padded[rank * per_rank:(rank + 1) * per_rank], p, self.spectral, self.fused)
         gathered = torch.empty_like(padded)
-        dist.all_gather_into_tensor(gathered, mine.contiguous())
-        return gathered[:count]
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        return gathered[:count], gather(gathered, mine.contiguous(), async_op=True)
 
     def _normalize_rows(self, w, o):
         """NorMuon: divide each output row by the RMS of its running second moment, keep |O|_F."""
@@ -674,8 +702,66 @@ class QwenBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def at_least_fp32(t):
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def cross_entropy_chunk(logits, targets, scale):
+    """Summed cross-entropy of one chunk of logits [n, V] (fp32 math) and scale * d(sum)/d(logits)."""
+    logits = at_least_fp32(logits)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    grad = torch.exp(logits - lse[:, None]).scatter_add(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+    return loss, grad * scale
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of fp32 logits h W^T, `chunk` rows at a time, so the full [tokens, vocab]
+    logits (and their gradient) never exist. The forward stores d(loss)/dh and d(loss)/dW as it goes;
+    the backward only scales them. chunk_fn: cross_entropy_chunk, possibly compiled."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, chunk_fn):
+        n = h.size(0)
+        ctx.weight_dtype = weight.dtype
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        loss = torch.zeros((), dtype=grad_w.dtype, device=h.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(h[rows], weight)  # bf16 under autocast, as in the unchunked path
+            loss_sum, grad = chunk_fn(logits, targets[rows], 1.0 / n)
+            grad = grad.to(logits.dtype)
+            loss += loss_sum
+            grad_h[rows] = grad @ weight.to(grad.dtype)
+            grad_w += grad.mT @ h[rows].to(grad.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, chunk=0, chunk_fn=cross_entropy_chunk):
+    """Mean cross-entropy of logits = h W^T in fp32 for h [N, d], targets [N]. chunk = 0: all logits at once."""
+    if chunk == 0:
+        return F.cross_entropy(at_least_fp32(F.linear(h, weight)), targets)
+    return chunked_linear_cross_entropy(h, weight, targets, chunk, chunk_fn)
+
+
+@torch.compiler.disable  # a graph break: eager Python loop over chunks (chunk_fn may itself be compiled)
+def chunked_linear_cross_entropy(h, weight, targets, chunk, chunk_fn):
+    if torch.is_grad_enabled():
+        return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk, chunk_fn)
+    return sum(F.cross_entropy(at_least_fp32(F.linear(hc, weight)), tc, reduction="sum")
+               for hc, tc in zip(h.split(chunk), targets.split(chunk))) / h.size(0)
+
+
 class GPT(nn.Module):
-    """Token embedding, blocks, final RMSNorm, untied lm_head; returns the mean cross-entropy (fp32 logits)."""
+    """Token embedding, blocks, final RMSNorm, untied lm_head; returns the mean cross-entropy (fp32 logits,
+    computed loss_chunk tokens at a time if loss_chunk > 0)."""
 
     def __init__(self, args):
         super().__init__()
@@ -690,6 +776,8 @@ class GPT(nn.Module):
                                         for _ in range(args.n_layer))
             self.final_norm = rms_norm
         self.lm_head = nn.Parameter(torch.empty(args.vocab_size, dim))  # untied
+        self.loss_chunk = args.loss_chunk
+        self.loss_chunk_fn = cross_entropy_chunk  # train() swaps in a compiled copy
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -705,8 +793,8 @@ class GPT(nn.Module):
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
-        logits = F.linear(self.final_norm(x), self.lm_head).float()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return linear_cross_entropy(self.final_norm(x).flatten(0, 1), self.lm_head, targets.reshape(-1),
+                                    self.loss_chunk, self.loss_chunk_fn)
 
 
 def build_model(args, device="cpu"):
@@ -872,7 +960,7 @@ def check_data(val_path, train_shards, args, warn):
 RESUME_NEUTRAL_FLAGS = {  # may differ between a checkpoint and the run that resumes it
     "data_dir", "device_batch_size", "micro_batch_size", "val_loss_every", "device", "no_compile", "log_dir",
     "run_name", "wandb", "dry_run", "target_loss", "record", "checkpoint_dir", "checkpoint_freq",
-    "keep_checkpoints", "resume", "ns_backend"}
+    "keep_checkpoints", "resume", "ns_backend", "loss_chunk", "attention", "compile_mode"}
 CODE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
@@ -1110,12 +1198,29 @@ def resolve_target(args):
     return target
 
 
+def forward_context(args):
+    """A factory of the context every forward runs in: bf16 autocast on CUDA, the --attention backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
+                   efficient=SDPBackend.EFFICIENT_ATTENTION, math=SDPBackend.MATH).get(args.attention)
+
+    @contextlib.contextmanager
+    def context():
+        with contextlib.ExitStack() as stack:
+            if args.device == "cuda":
+                stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+            if backend is not None:
+                stack.enter_context(sdpa_kernel(backend))
+            yield
+    return context
+
+
 @torch.no_grad()
-def evaluate(model, batches, autocast):
+def evaluate(model, batches, fwd_context):
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device)
     for x, y in batches:
-        with autocast:
+        with fwd_context():
             total[0] += model(x, y).double() * y.numel()
         total[1] += y.numel()
     model.train()
@@ -1123,14 +1228,14 @@ def evaluate(model, batches, autocast):
     return (total[0] / total[1]).item()
 
 
-def train_step(model, opts, batch, args, step, accum_scale, autocast):
+def train_step(model, opts, batch, args, step, accum_scale, fwd_context):
     """One optimizer step over this rank's micro-batches; returns the summed micro-batch losses."""
     loss_sum = torch.zeros((), device=batch[0][0].device)
     for i, (x, y) in enumerate(batch):
         last_micro = i == len(batch) - 1
         no_sync = model.no_sync() if (not last_micro and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with no_sync:
-            with autocast:
+            with fwd_context():
                 loss = model(x, y)
             (loss * accum_scale).backward()
         loss_sum += loss.detach()
@@ -1169,9 +1274,28 @@ def main(argv=None):
     rank, world, local = setup_distributed(args)
     try:
         return train(args, rank, world, local)
+    except torch.OutOfMemoryError as e:
+        mb = args.micro_batch_size
+        raise TrainingError(f"out of GPU memory at --micro_batch_size {mb}: rerun with --micro_batch_size "
+                            f"{max(1, mb // 2)}{'' if args.loss_chunk else ' or with --loss_chunk 8192'} (same "
+                            f"math; --resume auto continues from the last checkpoint)") from e
     finally:
         if is_distributed():
             dist.destroy_process_group()
+
+
+def wrap_model(raw_model, args, world, local, compile_model):
+    """DDP (several processes), then torch.compile: compiling the DDP module lets dynamo split the graph at
+    gradient buckets, so each bucket's all-reduce overlaps the rest of the backward pass."""
+    model = raw_model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if args.device == "cuda" else None)
+    if compile_model:
+        mode = None if args.compile_mode == "default" else args.compile_mode
+        model = torch.compile(model, mode=mode)
+        if args.loss_chunk:
+            raw_model.loss_chunk_fn = torch.compile(cross_entropy_chunk, mode=mode, dynamic=False)
+    return model
 
 
 def train(args, rank, world, local):
@@ -1210,13 +1334,8 @@ def train(args, rank, world, local):
         run, log_offsets = state["run"], state["log_offsets"]
         torch.set_rng_state(state["rng_cpu"].cpu())
     n_params = count_parameters(raw_model)
-    model = raw_model
-    if args.device == "cuda" and not args.no_compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if args.device == "cuda" else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda"
-                else contextlib.nullcontext())
+    model = wrap_model(raw_model, args, world, local, compile_model=args.device == "cuda" and not args.no_compile)
+    fwd_context = forward_context(args)
 
     log = RunLog(args, rank, log_offsets)
     if ckpt_path is None:
@@ -1256,7 +1375,7 @@ def train(args, rank, world, local):
         step = run["step"]
         last = step == T
         if (last or step % args.val_loss_every == 0) and not run["evaluated"]:
-            val_loss = evaluate(model, val_data, autocast)
+            val_loss = evaluate(model, val_data, fwd_context)
             step_avg = run["timed_ms"] / max(run["timed_steps"], 1)
             text = (f"step:{step}/{T} val_loss:{val_loss:.4f} train_time:{run['train_time_ms']:.0f}ms "
                     f"step_avg:{step_avg:.2f}ms")
@@ -1277,7 +1396,7 @@ def train(args, rank, world, local):
         sync()
         t0 = time.perf_counter()
         loss_sum, mult = train_step(model, opts, train_loader.next_batch(args.micro_batch_size, device),
-                                    args, step, 1.0 / accum_steps, autocast)
+                                    args, step, 1.0 / accum_steps, fwd_context)
         reduced = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop.signum), device=device)]))
         train_loss = reduced[0].item() / (accum_steps * world)  # .item() waits for the GPU
         if reduced[1].item() > 0 and not stop.signum:

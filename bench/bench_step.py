@@ -21,20 +21,19 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
-DEFAULT_MB = {"127M": 64, "601M": 16, "1.1B": 16}  # micro-batches that fit an 80 GB H100
+DEFAULT_MB = {k: tg.MICRO_BATCH_80GB[k] for k in ("127M", "601M", "1.1B")}  # fit an 80 GB H100
 P_OF = {"muon": 0.0, "dynmuon": -0.25}
 FLOPS_FORMULA = ("FLOPs/step = 6*N*tokens + 12*n_layer*d*seq_len*tokens "
                  "(N = parameters without the embedding, lm_head included)")
 
 
-def config(model, opt, mb, world, device, ns_backend, no_compile):
+def config(model, opt, mb, world, device, ns_backend, no_compile, speed_flags=()):
     argv = ["--model", model, "--optimizer", opt, "--device_batch_size", str(mb), "--micro_batch_size", str(mb),
-            "--device", device, "--ns_backend", ns_backend, "--run_name", "bench"]
+            "--device", device, "--ns_backend", ns_backend, "--run_name", "bench", *speed_flags]
     argv += ["--p_schedule", "fixed", "--dynmuon_pmin", str(P_OF["dynmuon"])] if opt == "dynmuon" else []
     args = tg.resolve_config(argv + (["--no_compile"] if no_compile else []))
     tg.validate_flags(args, world)  # batch_size must split into world x micro-batches
@@ -94,10 +93,8 @@ def step_bench(args, steps, warmup, world, local, say):
     torch.manual_seed(args.seed)
     raw = tg.build_model(args, device)
     opts = tg.build_optimizers(raw, args)
-    model = raw if args.no_compile else torch.compile(raw)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local])
-    autocast = torch.autocast(args.device, dtype=torch.bfloat16)
+    model = tg.wrap_model(raw, args, world, local, compile_model=not args.no_compile)
+    fwd_context = tg.forward_context(args)
     accum = args.batch_size // (world * args.micro_batch_size)
     shape = (args.micro_batch_size, args.sequence_length)
     batch = [(torch.randint(0, 50257, shape, device=device), torch.randint(0, 50257, shape, device=device))
@@ -106,7 +103,7 @@ def step_bench(args, steps, warmup, world, local, say):
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, _ = tg.train_step(model, opts, batch, args, i, 1.0 / accum, autocast)
+        loss, _ = tg.train_step(model, opts, batch, args, i, 1.0 / accum, fwd_context)
         torch.cuda.synchronize()
         ms = 1e3 * (time.perf_counter() - t0)
         times += [ms] if i >= warmup else []
@@ -148,7 +145,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, Triton JIT)")
     ap.add_argument("--micro_batch_size", type=int, default=0, help="0: per preset " + str(DEFAULT_MB))
     ap.add_argument("--ns_backend", choices=["triton", "torch"], default="triton", help="kernels of the step timing")
-    ap.add_argument("--no_compile", action="store_true")
+    ap.add_argument("--no_compile", action="store_true", help="time the eager model")
+    ap.add_argument("--loss_chunk", type=int, default=0, help="train_gpt.py --loss_chunk (0: full fp32 logits)")
+    ap.add_argument("--attention", choices=tg.SDPA_BACKENDS, default="auto",
+                    help="train_gpt.py --attention (SDPA backend)")
+    ap.add_argument("--compile_mode", choices=tg.COMPILE_MODES, default="default", help="train_gpt.py --compile_mode")
     ap.add_argument("--json", default=None, help="also write the table (and run facts) as JSON here")
     ap.add_argument("--dry_run", action="store_true", help="CPU: print planned configs and FLOPs/step, no CUDA")
     a = ap.parse_args()
@@ -175,7 +176,9 @@ def main():
     for model in models:
         mb = a.micro_batch_size or DEFAULT_MB[model]
         for opt in optims:
-            args = config(model, opt, mb, world, device, ns_backend, a.no_compile)
+            args = config(model, opt, mb, world, device, ns_backend, a.no_compile,
+                          ["--loss_chunk", str(a.loss_chunk), "--attention", a.attention,
+                           "--compile_mode", a.compile_mode])
             flops, n = flops_per_step(args)
             accum = args.batch_size // (world * mb)
             row = dict(model=model, opt=opt, micro_batch=mb, accum=accum, world=world, flops_per_step=flops,
@@ -203,10 +206,13 @@ def main():
     if a.json and rank == 0:
         meta = dict(device=None if a.dry_run else torch.cuda.get_device_name(), world=world, torch=torch.__version__,
                     matmul_tflops=peak_tflops, ns_backend=a.ns_backend, compile=not a.no_compile, steps=a.steps,
-                    warmup=a.warmup, p_schedule="dynmuon fixed p=-0.25, muon p=0", flops_formula=FLOPS_FORMULA)
+                    warmup=a.warmup, p_schedule="dynmuon fixed p=-0.25, muon p=0", flops_formula=FLOPS_FORMULA,
+                    loss_chunk=a.loss_chunk, attention=a.attention, compile_mode=a.compile_mode)
         Path(a.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     say(f"\nglobal batch 512x1024, {a.steps} timed steps (median) after {a.warmup} warm-up, "
-        f"NS backend {a.ns_backend}, {'eager' if a.no_compile else 'torch.compile'}; {FLOPS_FORMULA}")
+        f"NS backend {a.ns_backend}, {'eager' if a.no_compile else 'torch.compile ' + a.compile_mode}, "
+        f"loss_chunk {a.loss_chunk}, "
+        f"attention {a.attention}; {FLOPS_FORMULA}")
     say(format_table(rows))
     if tg.is_distributed():
         tg.dist.destroy_process_group()

@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import REPO
+from conftest import REPO, tiny_flags
 import train_gpt as tg
 
 
@@ -47,6 +48,21 @@ def test_defaults_follow_spec():
     assert (args.warmup_ratio, args.warmdown_ratio, args.lr_schedule) == (0.01, 0.2, "wsd")
     assert args.val_tokens == 10_485_760 and args.micro_batch_size == 64
     assert tg.resolve_config(["--optimizer", "adamw"]).lr == 0.002
+
+
+@pytest.mark.parametrize("model,device,device_batch,expected", [
+    ("127M", "cuda", 64, 64), ("601M", "cuda", 64, 16), ("1.1B", "cuda", 24, 8), ("qwen171M", "cuda", 64, 32),
+    ("601M", "cuda", 8, 8), ("tiny", "cuda", 12, 12), ("601M", "cpu", 64, 64)])
+def test_default_micro_batch_fits_80GB_and_divides_device_batch(model, device, device_batch, expected):
+    assert tg.default_micro_batch(model, device, device_batch) == expected
+
+
+def test_out_of_memory_names_the_flag_to_change(monkeypatch, tmp_path, tiny_data):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(tg, "train_step", oom)
+    with pytest.raises(tg.TrainingError, match="--micro_batch_size 1 or with --loss_chunk 8192"):
+        tg.main(tiny_flags(tiny_data, tmp_path / "logs"))
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -74,8 +74,59 @@ def test_qwen_one_training_step_each_optimizer(optimizer):
     opts = tg.build_optimizers(model, args)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = torch.randint(0, TINY_VOCAB, (2, 16))
-    loss_sum, mult = tg.train_step(model, opts, [(x, x.roll(-1, 1))], args, 0, 1.0, torch.autocast("cpu",
-                                                                                                   enabled=False))
+    loss_sum, mult = tg.train_step(model, opts, [(x, x.roll(-1, 1))], args, 0, 1.0, tg.forward_context(args))
     assert math.isfinite(loss_sum.item())
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert set(changed) == set(before)  # every parameter moved, biases and norm weights included
+
+
+def _loss_and_grads(h, w, targets, chunk):
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = tg.linear_cross_entropy(h, w, targets, chunk)
+    (loss * 0.25).backward()  # a scaled loss, as under gradient accumulation
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 100])
+def test_chunked_cross_entropy_matches_full_logits_float64(chunk):
+    """37 rows in chunks of 8 leave a tail of 5; chunk >= rows is one chunk."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(37, 16, generator=g, dtype=torch.float64), torch.randn(97, 16, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 97, (37,), generator=g)
+    ref = _loss_and_grads(h, w, targets, 0)
+    out = _loss_and_grads(h, w, targets, chunk)
+    for a, b in zip(out, ref):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():  # evaluation: loss only
+        torch.testing.assert_close(tg.linear_cross_entropy(h, w, targets, chunk), ref[0], rtol=1e-12, atol=0)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast():
+    """bf16 matmuls, fp32 logits: same loss and gradients as the unchunked path up to bf16 rounding."""
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(64, 32, generator=g), torch.randn(300, 32, generator=g) * 0.2
+    targets = torch.randint(0, 300, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _loss_and_grads(h, w, targets, 0)
+        out = _loss_and_grads(h, w, targets, 16)
+    assert out[0].dtype == torch.float32 and out[1].dtype == h.dtype and out[2].dtype == w.dtype
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-6, atol=0)
+    for a, b in zip(out[1:], ref[1:]):
+        assert (a - b).norm() / b.norm() < 1e-2
+
+
+def test_model_with_loss_chunk_and_attention_backend_matches_default():
+    torch.manual_seed(0)
+    model = tg.build_model(tiny_args())
+    other = tg.build_model(tiny_args("--loss_chunk", "7", "--attention", "math"))
+    other.load_state_dict(model.state_dict())
+    x, y = torch.randint(0, TINY_VOCAB, (2, 16)), torch.randint(0, TINY_VOCAB, (2, 16))
+    losses = []
+    for m, args in ((model, tiny_args()), (other, tiny_args("--loss_chunk", "7", "--attention", "math"))):
+        with tg.forward_context(args)():
+            losses.append(m(x, y))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)

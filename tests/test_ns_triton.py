@@ -76,6 +76,8 @@ def test_update(shape, dtype):
         assert rel(out, a * X + B @ X) < TOL[dtype]
     out = nst.ns_update(B.to(dtype), X.to(dtype), 0.0, scale=s)
     assert rel(out, s.double()[:, None, None] * (B @ X)) < TOL[dtype]
+    out = nst.ns_update(B.to(dtype), X.to(dtype), a, scale=s, torch_rounding=False)
+    assert rel(out, s.double()[:, None, None] * (a * X + B @ X)) < TOL[dtype]
 
 
 def ns_fp64(G):
@@ -126,4 +128,18 @@ def test_dynmuon_step_fused_equals_plain():
         nst.DynMuon(params, lr=0.1, mu=0.95, weight_decay=0.0, p_schedule=lambda t: -0.25, fused=fused).step()
         results.append([p.detach().clone() for p in params])
     for plain, fused in zip(*results):
-        assert rel(fused, plain) < (1e-6 if INTERP else 2e-2)
+        assert rel(fused, plain) < (1e-3 if INTERP else 2e-2)  # 1e-3: below one bf16 rounding (~2e-3)
+
+
+def test_fast_spectral_correction_costs_no_more_than_one_bf16_rounding():
+    """The fused C Y (bf16 P = (d - 2g) A + g A^2 in the MMA, c0 Y and |U|^p in the epilogue) against C Y in
+    float64 from the same NS output and Gram matrix: its error is the final bf16 rounding's, no more."""
+    U = 3 * randn(2, 64, 256, dtype=torch.bfloat16, seed=4)
+    p = -0.25
+    d, g = p / 2, 0.5 * (p / 2) * (p / 2 - 1)
+    Y, gram = newton_schulz(U, fused=True)
+    A = gram.double()
+    eye = torch.eye(A.size(-1), dtype=A.dtype, device=DEV)
+    C = eye + d * (A - eye) + g * (A - eye) @ (A - eye)
+    exact = U.double().norm(dim=(-2, -1), keepdim=True) ** p * (C @ Y.double())
+    assert rel(nst.fast_spectral(U, p, fused=True), exact) < 1.02 * rel(exact.bfloat16(), exact)

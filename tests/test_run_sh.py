@@ -93,8 +93,8 @@ def test_every_listed_command_parses_with_the_trainer(name):
         if "--arch" in flags and not qwen_ok:
             skipped += 1
             continue
-        args = train_gpt.build_arg_parser().parse_args(flags)
-        train_gpt.validate_flags(train_gpt.resolve_config(flags), world_size=8)  # presets, batch divisibility
+        args = train_gpt.resolve_config(flags)
+        train_gpt.validate_flags(args, world_size=8)  # presets, batch divisibility
         assert args.batch_size == 512 and args.sequence_length == 1024 and args.device_batch_size == 64
         assert args.batch_size % (args.device_batch_size * 8) == 0
         assert args.device_batch_size % args.micro_batch_size == 0
@@ -105,7 +105,7 @@ def test_every_listed_command_parses_with_the_trainer(name):
 
 def test_default_constants_present():
     (line,) = train_lines(listing())
-    for text in ("--batch_size 512", "--sequence_length 1024", "--device_batch_size 64", "--micro_batch_size 64",
+    for text in ("--batch_size 512", "--sequence_length 1024", "--device_batch_size 64",
                  "--num_iterations 20000", "--weight_decay 0.01", "--mu 0.95", "--scalar_lr 0.001",
                  "--dynmuon_pmax 1", "--dynmuon_pmin -0.25", "--dynmuon_tau 0.04", "--dynmuon_w 0.04",
                  "--warmup_ratio 0.01", "--warmdown_ratio 0.2", "--val_loss_every 50", "--val_tokens 10485760",
@@ -125,7 +125,9 @@ def test_main_table():
     for line in lines:
         long_run = flag(line, "--num_iterations") == "38000"
         assert flag(line, "--data_dir") == ("data/fineweb100B" if long_run else "data/fineweb10B")
-        assert flag(line, "--micro_batch_size") == {"127M": "64", "601M": "16", "1.1B": "16"}[flag(line, "--model")]
+        assert "--micro_batch_size" not in line  # the trainer's per-preset default
+        micro = train_gpt.default_micro_batch(flag(line, "--model"), "cuda", int(flag(line, "--device_batch_size")))
+        assert micro == {"127M": 64, "601M": 16, "1.1B": 16}[flag(line, "--model")]
         assert ("--dynmuon_tau" in line) == (flag(line, "--optimizer") == "dynmuon")
     assert sum("--optimizer adamw" in l for l in lines) == 6
 
@@ -164,7 +166,7 @@ def test_data_model_and_seed_experiments():
         (o, s) for o in ("muon", "dynmuon") for s in ("0", "1", "42"))
     assert [flag(l, "--optimizer") for l in listing("normuon")] == ["normuon", "dynmuon"]
     for line in listing("qwen"):
-        assert " --arch qwen --model qwen171M " in line and flag(line, "--micro_batch_size") == "32"
+        assert " --arch qwen --model qwen171M " in line and "--micro_batch_size" not in line
 
 
 # ----------------------------------------------------------------------------- overrides and errors

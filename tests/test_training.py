@@ -61,3 +61,16 @@ def test_more_ranks_than_batch_allows_is_refused(tmp_path, tiny_data):
                        check=False)
     assert proc.returncode != 0
     assert "must be a multiple of --device_batch_size 4 x 2 processes" in proc.stderr
+
+
+def test_chunked_loss_two_ranks_match_plain_one_process(tmp_path, tiny_data):
+    """--loss_chunk (with a tail chunk: 32 tokens in 12s) and --attention math on 2 gloo ranks, whose
+    all-gathers of the optimizer run asynchronously, against the plain path in one process."""
+    flags = dict(batch_size=4, device_batch_size=2, micro_batch_size=2, num_iterations=8)
+    run_trainer(tiny_flags(tiny_data, tmp_path / "plain", **flags))
+    run_trainer(tiny_flags(tiny_data, tmp_path / "fast", loss_chunk=12, attention="math", **flags), nproc=2)
+    plain, fast = train_losses(tmp_path / "plain"), train_losses(tmp_path / "fast")
+    assert [s for s, _ in fast] == list(range(1, 9))
+    assert [v for _, v in fast] == pytest.approx([v for _, v in plain], rel=2e-3)
+    assert [v for _, v in val_losses(tmp_path / "fast")] == pytest.approx(
+        [v for _, v in val_losses(tmp_path / "plain")], rel=2e-3)

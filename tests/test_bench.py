@@ -1,0 +1,28 @@
+"""bench/ scripts on CPU: the planned configurations and FLOPs (the timings need a GPU)."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_step_dry_run_plans_every_preset(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_step.py"), "--dry_run", "--models",
+                           "127M,601M", "--loss_chunk", "8192", "--attention", "cudnn", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["opt"], r["micro_batch"], r["accum"]) for r in rows] == [
+        ("127M", "muon", 64, 8), ("127M", "dynmuon", 64, 8), ("601M", "muon", 16, 32), ("601M", "dynmuon", 16, 32)]
+    # 6 N tokens + attention, N = the 127M preset without its embedding (SPEC's 127,008,768 - 50304 * 512)
+    n = 127_008_768 - 50304 * 512
+    assert rows[0]["non_embedding_params"] == n
+    assert rows[0]["flops_per_step"] == 6 * n * 512 * 1024 + 12 * 24 * 512 * 1024 * 512 * 1024
+    assert proc.stdout.rstrip().splitlines()[-1].lstrip().startswith("601M | dynmuon |")  # the table comes last
+
+
+def test_bench_step_rejects_unknown_preset():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_step.py"), "--dry_run", "--models", "7B"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown ['7B']" in proc.stderr
