@@ -44,10 +44,10 @@ ARCH_DEFAULTS = {  # n_kv_head (None: = n_head), mlp_hidden (None: 4d), rope_bas
     "gpt": (None, None, 10000.0),
     "qwen": (2, 2816, 1e6),
 }
-MICRO_BATCH_80GB = {"127M": 64, "601M": 16, "1.1B": 16, "qwen171M": 32}  # measured peaks on H100 80 GB:
-#                                     38.4, 29.6, 44.3, 25.2 GiB (bench/NOTES.md); the next size up does not fit
+MICRO_BATCH_PEAK = {"127M": (64, 38.4), "601M": (16, 28.9), "1.1B": (16, 43.3), "qwen171M": (32, 24.6)}
+# (micro-batch, peak GiB allocated) measured on one H100 80 GB (bench/NOTES.md)
+MEMORY_HEADROOM = 0.9  # fraction of the GPU's memory the default micro-batch may plan to use
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 128
 LR_DEFAULTS = {"dynmuon": 0.01, "muon": 0.01, "normuon": 0.01, "adamw": 0.002}
 ADAM_BETAS = (0.9, 0.95)
@@ -69,8 +69,8 @@ def build_arg_parser():
     a("--batch_size", type=int, default=512, help="global batch, in sequences per optimizer step")
     a("--device_batch_size", type=int, default=64, help="sequences per forward pass on one device (paper's meaning)")
     a("--micro_batch_size", type=int, default=0,
-      help="sequences per forward pass, to save memory; does not change the math. 0 = on CUDA the preset's "
-           f"size that fits an 80 GB GPU {MICRO_BATCH_80GB} (capped by device_batch_size), else device_batch_size")
+      help="sequences per forward pass, to save memory; does not change the math. 0 = on CUDA the largest that "
+           "fits this GPU by the preset's measured peak memory (see default_micro_batch), else device_batch_size")
     a("--sequence_length", type=int, default=1024, help="tokens per sequence")
     a("--num_iterations", type=int, default=20000, help="optimizer steps T")
     a("--warmup_ratio", type=float, default=0.01, help="fraction of T with linear LR warmup")
@@ -115,8 +115,6 @@ def build_arg_parser():
     a("--seed", type=int, default=0, help="seed of the initialisation")
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     a("--no_compile", action="store_true", help="do not torch.compile the model (always off on CPU)")
-    a("--compile_mode", choices=COMPILE_MODES, default="default",
-      help="torch.compile mode of the model (max-autotune: longer compile, may pick faster kernels)")
     a("--loss_chunk", type=int, default=0,
       help="compute lm_head + cross-entropy this many tokens at a time, so the full fp32 logits of a "
            "micro-batch are never held (same math); 0 = all at once")
@@ -166,10 +164,18 @@ def resolve_config(argv=None):
     return args
 
 
-def default_micro_batch(model, device, device_batch_size):
-    """On CUDA the preset's micro-batch for 80 GB (a divisor of device_batch_size), else device_batch_size."""
-    fits = MICRO_BATCH_80GB.get(model, device_batch_size) if device == "cuda" else device_batch_size
-    return math.gcd(fits, device_batch_size)
+def default_micro_batch(model, device, device_batch_size, gpu_gib=None):
+    """On CUDA: the preset's measured micro-batch, doubled while twice its peak (an upper bound, as only the
+    activations grow) fits MEMORY_HEADROOM of the GPU, as a divisor of device_batch_size. Else
+    device_batch_size. gpu_gib: the GPU's memory (default: GPU 0's)."""
+    if device != "cuda" or model not in MICRO_BATCH_PEAK:
+        return device_batch_size
+    if gpu_gib is None:
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    micro, peak = MICRO_BATCH_PEAK[model]
+    while 2 * peak <= MEMORY_HEADROOM * gpu_gib and 2 * micro <= device_batch_size:
+        micro, peak = 2 * micro, 2 * peak
+    return math.gcd(micro, device_batch_size)
 
 
 def default_run_name(args):
@@ -499,13 +505,13 @@ class DynMuon(torch.optim.Optimizer):
         self.last_p = None
 
     def _shape_groups(self):
-        """Parameters grouped by the wide shape of their matrices."""
+        """(group, parameters) per param group and wide shape of the parameters' matrices."""
         groups = {}
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             for w in group["params"]:
                 m, n = w.shape[-2:]
-                groups.setdefault((min(m, n), max(m, n)), []).append((w, group))
-        return groups
+                groups.setdefault((i, min(m, n), max(m, n)), (group, []))[1].append(w)
+        return groups.values()
 
     @torch.no_grad()
     def step(self):
@@ -513,28 +519,43 @@ class DynMuon(torch.optim.Optimizer):
             group["step"] += 1
         p = self.last_p = self.p_schedule(self.param_groups[0]["step"])
         launched = []  # every shape group's transform is started (and its all-gather in flight) before any waits
-        for members in self._shape_groups().values():
-            updates = [as_wide(self._nesterov_update(w, group)) for w, group in members]
-            out, gather = self._distributed_transform(torch.cat(updates), p)
-            launched.append((members, [u.size(0) for u in updates], out, gather))
-        for members, counts, out, gather in launched:
+        for group, params in self._shape_groups():
+            updates = self._nesterov_updates(params, group["mu"])
+            out, gather = self._distributed_transform(torch.cat([as_wide(u) for u in updates]).bfloat16(), p)
+            launched.append((group, params, out, gather))
+        for group, params, out, gather in launched:
             if gather is not None:
                 gather.wait()
-            for (w, group), o in zip(members, out.split(counts)):
-                o = (o.mT if w.size(-2) > w.size(-1) else o).reshape(w.shape)
-                if self.normuon:
-                    o = self._normalize_rows(w, o)
-                lr = group["lr"]
-                w.mul_(1 - lr * group["weight_decay"])
-                w.add_(o.to(w.dtype), alpha=-lr * math.sqrt(w.size(-2) / w.size(-1)))
+            out = out.to(params[0].dtype)
+            updates = [(o.mT if w.size(-2) > w.size(-1) else o).reshape(w.shape)
+                       for w, o in zip(params, out.split([w[..., 0, 0].numel() for w in params]))]
+            if self.normuon:
+                updates = [self._normalize_rows(w, o) for w, o in zip(params, updates)]
+            self._apply_updates(params, updates, group)
 
-    def _nesterov_update(self, w, group):
-        state = self.state[w]
-        if "momentum" not in state:
-            state["momentum"] = torch.zeros_like(w, dtype=torch.float32)
-        M, g = state["momentum"], w.grad.float()
-        M.mul_(group["mu"]).add_(g)
-        return (group["mu"] * M + g).bfloat16()
+    def _nesterov_updates(self, params, mu):
+        """M <- mu M + G for each parameter; returns the Nesterov updates mu M + G (fp32)."""
+        for w in params:
+            if "momentum" not in self.state[w]:
+                self.state[w]["momentum"] = torch.zeros_like(w, dtype=torch.float32)
+        momenta, grads = [self.state[w]["momentum"] for w in params], [w.grad.float() for w in params]
+        torch._foreach_mul_(momenta, mu)
+        torch._foreach_add_(momenta, grads)
+        updates = torch._foreach_mul(momenta, mu)
+        torch._foreach_add_(updates, grads)
+        return updates
+
+    @staticmethod
+    def _apply_updates(params, updates, group):
+        """W <- W (1 - lr wd) - lr sqrt(out/in) O, one foreach call per distinct sqrt(out/in)."""
+        lr = group["lr"]
+        by_ratio = {}
+        for w, o in zip(params, updates):
+            by_ratio.setdefault(w.size(-2) / w.size(-1), []).append((w, o))
+        for ratio, pairs in by_ratio.items():
+            ws, os_ = [w for w, _ in pairs], [o for _, o in pairs]
+            torch._foreach_mul_(ws, 1 - lr * group["weight_decay"])
+            torch._foreach_add_(ws, os_, alpha=-lr * math.sqrt(ratio))
 
     def _distributed_transform(self, wide, p):
         """(transformed stack, pending all-gather or None): this rank transforms its share of the stack and
@@ -960,7 +981,7 @@ def check_data(val_path, train_shards, args, warn):
 RESUME_NEUTRAL_FLAGS = {  # may differ between a checkpoint and the run that resumes it
     "data_dir", "device_batch_size", "micro_batch_size", "val_loss_every", "device", "no_compile", "log_dir",
     "run_name", "wandb", "dry_run", "target_loss", "record", "checkpoint_dir", "checkpoint_freq",
-    "keep_checkpoints", "resume", "ns_backend", "loss_chunk", "attention", "compile_mode"}
+    "keep_checkpoints", "resume", "ns_backend", "loss_chunk", "attention"}
 CODE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
@@ -1291,10 +1312,9 @@ def wrap_model(raw_model, args, world, local, compile_model):
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if args.device == "cuda" else None)
     if compile_model:
-        mode = None if args.compile_mode == "default" else args.compile_mode
-        model = torch.compile(model, mode=mode)
+        model = torch.compile(model)
         if args.loss_chunk:
-            raw_model.loss_chunk_fn = torch.compile(cross_entropy_chunk, mode=mode, dynamic=False)
+            raw_model.loss_chunk_fn = torch.compile(cross_entropy_chunk, dynamic=False)
     return model
 
 

@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
-DEFAULT_MB = {k: tg.MICRO_BATCH_80GB[k] for k in ("127M", "601M", "1.1B")}  # fit an 80 GB H100
+PRESETS = ("127M", "601M", "1.1B")
+H100_GIB = 79.6  # total memory of an H100 80GB HBM3, for --dry_run
 P_OF = {"muon": 0.0, "dynmuon": -0.25}
 FLOPS_FORMULA = ("FLOPs/step = 6*N*tokens + 12*n_layer*d*seq_len*tokens "
                  "(N = parameters without the embedding, lm_head included)")
@@ -143,19 +144,19 @@ def main():
     ap.add_argument("--optimizers", nargs="+", default=["muon", "dynmuon"])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per config (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, Triton JIT)")
-    ap.add_argument("--micro_batch_size", type=int, default=0, help="0: per preset " + str(DEFAULT_MB))
+    ap.add_argument("--micro_batch_size", type=int, default=0,
+                    help="0: the trainer's default for this GPU at --device_batch_size 64 (--dry_run: for an H100)")
     ap.add_argument("--ns_backend", choices=["triton", "torch"], default="triton", help="kernels of the step timing")
     ap.add_argument("--no_compile", action="store_true", help="time the eager model")
     ap.add_argument("--loss_chunk", type=int, default=0, help="train_gpt.py --loss_chunk (0: full fp32 logits)")
     ap.add_argument("--attention", choices=tg.SDPA_BACKENDS, default="auto",
                     help="train_gpt.py --attention (SDPA backend)")
-    ap.add_argument("--compile_mode", choices=tg.COMPILE_MODES, default="default", help="train_gpt.py --compile_mode")
     ap.add_argument("--json", default=None, help="also write the table (and run facts) as JSON here")
     ap.add_argument("--dry_run", action="store_true", help="CPU: print planned configs and FLOPs/step, no CUDA")
     a = ap.parse_args()
     models = [m for s in a.models for m in s.split(",") if m]
     optims = [o for s in a.optimizers for o in s.split(",") if o]
-    for name, known in ((models, DEFAULT_MB), (optims, P_OF)):
+    for name, known in ((models, PRESETS), (optims, P_OF)):
         bad = [x for x in name if x not in known]
         if bad:
             ap.error(f"unknown {bad}: choose from {list(known)}")
@@ -174,11 +175,10 @@ def main():
             f"bf16 matmul 8192^3: {peak_tflops:.1f} TFLOP/s (MFU reference)")
     rows = []
     for model in models:
-        mb = a.micro_batch_size or DEFAULT_MB[model]
+        mb = a.micro_batch_size or tg.default_micro_batch(model, "cuda", 64, H100_GIB if a.dry_run else None)
         for opt in optims:
             args = config(model, opt, mb, world, device, ns_backend, a.no_compile,
-                          ["--loss_chunk", str(a.loss_chunk), "--attention", a.attention,
-                           "--compile_mode", a.compile_mode])
+                          ["--loss_chunk", str(a.loss_chunk), "--attention", a.attention])
             flops, n = flops_per_step(args)
             accum = args.batch_size // (world * mb)
             row = dict(model=model, opt=opt, micro_batch=mb, accum=accum, world=world, flops_per_step=flops,
@@ -207,10 +207,10 @@ def main():
         meta = dict(device=None if a.dry_run else torch.cuda.get_device_name(), world=world, torch=torch.__version__,
                     matmul_tflops=peak_tflops, ns_backend=a.ns_backend, compile=not a.no_compile, steps=a.steps,
                     warmup=a.warmup, p_schedule="dynmuon fixed p=-0.25, muon p=0", flops_formula=FLOPS_FORMULA,
-                    loss_chunk=a.loss_chunk, attention=a.attention, compile_mode=a.compile_mode)
+                    loss_chunk=a.loss_chunk, attention=a.attention)
         Path(a.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     say(f"\nglobal batch 512x1024, {a.steps} timed steps (median) after {a.warmup} warm-up, "
-        f"NS backend {a.ns_backend}, {'eager' if a.no_compile else 'torch.compile ' + a.compile_mode}, "
+        f"NS backend {a.ns_backend}, {'eager' if a.no_compile else 'torch.compile'}, "
         f"loss_chunk {a.loss_chunk}, "
         f"attention {a.attention}; {FLOPS_FORMULA}")
     say(format_table(rows))

@@ -14,7 +14,7 @@ def test_bench_step_dry_run_plans_every_preset(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["opt"], r["micro_batch"], r["accum"]) for r in rows] == [
-        ("127M", "muon", 64, 8), ("127M", "dynmuon", 64, 8), ("601M", "muon", 16, 32), ("601M", "dynmuon", 16, 32)]
+        ("127M", "muon", 64, 8), ("127M", "dynmuon", 64, 8), ("601M", "muon", 32, 16), ("601M", "dynmuon", 32, 16)]
     # 6 N tokens + attention, N = the 127M preset without its embedding (SPEC's 127,008,768 - 50304 * 512)
     n = 127_008_768 - 50304 * 512
     assert rows[0]["non_embedding_params"] == n

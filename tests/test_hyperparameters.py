@@ -50,11 +50,19 @@ def test_defaults_follow_spec():
     assert tg.resolve_config(["--optimizer", "adamw"]).lr == 0.002
 
 
-@pytest.mark.parametrize("model,device,device_batch,expected", [
-    ("127M", "cuda", 64, 64), ("601M", "cuda", 64, 16), ("1.1B", "cuda", 24, 8), ("qwen171M", "cuda", 64, 32),
-    ("601M", "cuda", 8, 8), ("tiny", "cuda", 12, 12), ("601M", "cpu", 64, 64)])
-def test_default_micro_batch_fits_80GB_and_divides_device_batch(model, device, device_batch, expected):
-    assert tg.default_micro_batch(model, device, device_batch) == expected
+H100, H200 = 79.6, 140.4  # GiB
+
+
+@pytest.mark.parametrize("model,device,device_batch,gpu_gib,expected", [
+    ("127M", "cuda", 64, H100, 64), ("601M", "cuda", 64, H100, 32), ("1.1B", "cuda", 64, H100, 16),
+    ("qwen171M", "cuda", 64, H100, 64), ("127M", "cuda", 128, H100, 64), ("127M", "cuda", 128, H200, 128),
+    ("601M", "cuda", 64, H200, 64), ("1.1B", "cuda", 64, H200, 32), ("1.1B", "cuda", 24, H200, 8),
+    ("601M", "cuda", 8, H100, 8), ("1.1B", "cuda", 64, 40.0, 16), ("tiny", "cuda", 12, H100, 12),
+    ("601M", "cpu", 64, None, 64)])
+def test_default_micro_batch_fits_the_gpu_and_divides_device_batch(model, device, device_batch, gpu_gib,
+                                                                   expected):
+    """Doubling from the measured (micro-batch, peak) while 2 x peak <= 90% of the GPU's memory."""
+    assert tg.default_micro_batch(model, device, device_batch, gpu_gib) == expected
 
 
 def test_out_of_memory_names_the_flag_to_change(monkeypatch, tmp_path, tiny_data):

@@ -126,8 +126,9 @@ def test_main_table():
         long_run = flag(line, "--num_iterations") == "38000"
         assert flag(line, "--data_dir") == ("data/fineweb100B" if long_run else "data/fineweb10B")
         assert "--micro_batch_size" not in line  # the trainer's per-preset default
-        micro = train_gpt.default_micro_batch(flag(line, "--model"), "cuda", int(flag(line, "--device_batch_size")))
-        assert micro == {"127M": 64, "601M": 16, "1.1B": 16}[flag(line, "--model")]
+        micro = train_gpt.default_micro_batch(flag(line, "--model"), "cuda", int(flag(line, "--device_batch_size")),
+                                              gpu_gib=79.6)  # an H100
+        assert micro == {"127M": 64, "601M": 32, "1.1B": 16}[flag(line, "--model")]
         assert ("--dynmuon_tau" in line) == (flag(line, "--optimizer") == "dynmuon")
     assert sum("--optimizer adamw" in l for l in lines) == 6
 
