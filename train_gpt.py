@@ -1298,8 +1298,7 @@ def main(argv=None):
     except torch.OutOfMemoryError as e:
         mb = args.micro_batch_size
         raise TrainingError(f"out of GPU memory at --micro_batch_size {mb}: rerun with --micro_batch_size "
-                            f"{max(1, mb // 2)}{'' if args.loss_chunk else ' or with --loss_chunk 8192'} (same "
-                            f"math; --resume auto continues from the last checkpoint)") from e
+                            f"{max(1, mb // 2)} (same math; --resume auto continues from the last checkpoint)") from e
     finally:
         if is_distributed():
             dist.destroy_process_group()
