@@ -47,7 +47,8 @@ ARCH_DEFAULTS = {  # n_kv_head (None: = n_head), mlp_hidden (None: 4d), rope_bas
 MICRO_BATCH_PEAK = {"127M": (64, 38.4), "601M": (16, 28.9), "1.1B": (16, 43.3), "qwen171M": (32, 24.6)}
 # (micro-batch, peak GiB allocated) measured on one H100 80 GB (bench/NOTES.md)
 MEMORY_HEADROOM = 0.9  # fraction of the GPU's memory the default micro-batch may plan to use
-SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",  # --attention: SDPBackend
+                 "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 128
 LR_DEFAULTS = {"dynmuon": 0.01, "muon": 0.01, "normuon": 0.01, "adamw": 0.002}
 ADAM_BETAS = (0.9, 0.95)
@@ -118,7 +119,7 @@ def build_arg_parser():
     a("--loss_chunk", type=int, default=0,
       help="compute lm_head + cross-entropy this many tokens at a time, so the full fp32 logits of a "
            "micro-batch are never held (same math); 0 = all at once")
-    a("--attention", choices=SDPA_BACKENDS, default="auto",
+    a("--attention", choices=list(SDPA_BACKENDS), default="auto",
       help="scaled_dot_product_attention backend; auto = PyTorch's choice")
     a("--log_dir", default="logs", help="folder of <run_name>.txt and <run_name>.jsonl")
     a("--run_name", default=None, help="default: <optimizer>_<model>_<date-time>")
@@ -1222,8 +1223,8 @@ def resolve_target(args):
 def forward_context(args):
     """A factory of the context every forward runs in: bf16 autocast on CUDA, the --attention backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    backend = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
-                   efficient=SDPBackend.EFFICIENT_ATTENTION, math=SDPBackend.MATH).get(args.attention)
+    name = SDPA_BACKENDS[args.attention]
+    backend = getattr(SDPBackend, name) if name else None
 
     @contextlib.contextmanager
     def context():

@@ -149,7 +149,7 @@ def main():
     ap.add_argument("--ns_backend", choices=["triton", "torch"], default="triton", help="kernels of the step timing")
     ap.add_argument("--no_compile", action="store_true", help="time the eager model")
     ap.add_argument("--loss_chunk", type=int, default=0, help="train_gpt.py --loss_chunk (0: full fp32 logits)")
-    ap.add_argument("--attention", choices=tg.SDPA_BACKENDS, default="auto",
+    ap.add_argument("--attention", choices=list(tg.SDPA_BACKENDS), default="auto",
                     help="train_gpt.py --attention (SDPA backend)")
     ap.add_argument("--json", default=None, help="also write the table (and run facts) as JSON here")
     ap.add_argument("--dry_run", action="store_true", help="CPU: print planned configs and FLOPs/step, no CUDA")
