@@ -41,7 +41,7 @@ CHECKPOINT_FREQ=${CHECKPOINT_FREQ:-1000}
 LOG_DIR=${LOG_DIR:-logs}
 RUN_NAME=${RUN_NAME:-}        # empty: ${OPT}_${MODEL}_${TOKENS}_seed${SEED} (single runs; experiments name theirs)
 # Empty = derived per run: NUM_ITERATIONS and DATA_VARIANT from TOKENS; MICRO_BATCH by the trainer
-# (the preset's size that fits an 80 GB GPU: train_gpt.py MICRO_BATCH_80GB)
+# (the largest that fits the GPU by the preset's measured peak memory: train_gpt.py default_micro_batch)
 MICRO_BATCH=${MICRO_BATCH:-}
 NUM_ITERATIONS=${NUM_ITERATIONS:-}
 DATA_VARIANT=${DATA_VARIANT:-}  # 10B | 100B | edu10B

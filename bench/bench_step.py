@@ -27,6 +27,7 @@ import train_gpt as tg  # noqa: E402
 
 PRESETS = ("127M", "601M", "1.1B")
 H100_GIB = 79.6  # total memory of an H100 80GB HBM3, for --dry_run
+DEVICE_BATCH = tg.build_arg_parser().get_default("device_batch_size")
 P_OF = {"muon": 0.0, "dynmuon": -0.25}
 FLOPS_FORMULA = ("FLOPs/step = 6*N*tokens + 12*n_layer*d*seq_len*tokens "
                  "(N = parameters without the embedding, lm_head included)")
@@ -140,12 +141,13 @@ def format_table(rows):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["127M", "601M", "1.1B"], help="presets (space or comma separated)")
+    ap.add_argument("--models", nargs="+", default=list(PRESETS), help="presets (space or comma separated)")
     ap.add_argument("--optimizers", nargs="+", default=["muon", "dynmuon"])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per config (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, Triton JIT)")
     ap.add_argument("--micro_batch_size", type=int, default=0,
-                    help="0: the trainer's default for this GPU at --device_batch_size 64 (--dry_run: for an H100)")
+                    help="0: the trainer's default for this GPU at its default --device_batch_size "
+                         "(--dry_run: for an H100)")
     ap.add_argument("--ns_backend", choices=["triton", "torch"], default="triton", help="kernels of the step timing")
     ap.add_argument("--no_compile", action="store_true", help="time the eager model")
     ap.add_argument("--loss_chunk", type=int, default=0, help="train_gpt.py --loss_chunk (0: full fp32 logits)")
@@ -175,7 +177,7 @@ def main():
             f"bf16 matmul 8192^3: {peak_tflops:.1f} TFLOP/s (MFU reference)")
     rows = []
     for model in models:
-        mb = a.micro_batch_size or tg.default_micro_batch(model, "cuda", 64, H100_GIB if a.dry_run else None)
+        mb = a.micro_batch_size or tg.default_micro_batch(model, "cuda", DEVICE_BATCH, H100_GIB if a.dry_run else None)
         for opt in optims:
             args = config(model, opt, mb, world, device, ns_backend, a.no_compile,
                           ["--loss_chunk", str(a.loss_chunk), "--attention", a.attention])
@@ -210,8 +212,7 @@ def main():
                     loss_chunk=a.loss_chunk, attention=a.attention)
         Path(a.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     say(f"\nglobal batch 512x1024, {a.steps} timed steps (median) after {a.warmup} warm-up, "
-        f"NS backend {a.ns_backend}, {'eager' if a.no_compile else 'torch.compile'}, "
-        f"loss_chunk {a.loss_chunk}, "
+        f"NS backend {a.ns_backend}, {'eager' if a.no_compile else 'torch.compile'}, loss_chunk {a.loss_chunk}, "
         f"attention {a.attention}; {FLOPS_FORMULA}")
     say(format_table(rows))
     if tg.is_distributed():

@@ -117,13 +117,14 @@ def test_chunked_cross_entropy_under_bf16_autocast():
 
 
 def test_model_with_loss_chunk_and_attention_backend_matches_default():
+    plain_args, fast_args = tiny_args(), tiny_args("--loss_chunk", "7", "--attention", "math")
     torch.manual_seed(0)
-    model = tg.build_model(tiny_args())
-    other = tg.build_model(tiny_args("--loss_chunk", "7", "--attention", "math"))
+    model = tg.build_model(plain_args)
+    other = tg.build_model(fast_args)
     other.load_state_dict(model.state_dict())
     x, y = torch.randint(0, TINY_VOCAB, (2, 16)), torch.randint(0, TINY_VOCAB, (2, 16))
     losses = []
-    for m, args in ((model, tiny_args()), (other, tiny_args("--loss_chunk", "7", "--attention", "math"))):
+    for m, args in ((model, plain_args), (other, fast_args)):
         with tg.forward_context(args)():
             losses.append(m(x, y))
         losses[-1].backward()
