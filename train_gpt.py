@@ -49,6 +49,8 @@ MICRO_BATCH_PEAK = {"127M": (64, 38.4), "601M": (16, 28.9), "1.1B": (16, 43.3), 
 MEMORY_HEADROOM = 0.9  # fraction of the GPU's memory the default micro-batch may plan to use
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",  # --attention: SDPBackend
                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+FP8_SCOPES = {"none": (False, False), "blocks": (False, True), "all": (True, True)}  # --fp8: (lm_head, blocks)
+FP8_DIM_MULTIPLE = 16  # torch._scaled_mm needs every matrix dimension to be a multiple of this
 VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 128
 LR_DEFAULTS = {"dynmuon": 0.01, "muon": 0.01, "normuon": 0.01, "adamw": 0.002}
 ADAM_BETAS = (0.9, 0.95)
@@ -121,6 +123,10 @@ def build_arg_parser():
            "micro-batch are never held (same math); 0 = all at once")
     a("--attention", choices=list(SDPA_BACKENDS), default="auto",
       help="scaled_dot_product_attention backend; auto = PyTorch's choice")
+    a("--fp8", choices=list(FP8_SCOPES), default="none",
+      help="matmuls in FP8 (e4m3 weights/activations, e5m2 gradients, one dynamic scale per tensor; needs "
+           "an sm_89+ GPU such as H100): blocks = the block matrices, all = those and lm_head. "
+           "Changes the numerics: off by default")
     a("--log_dir", default="logs", help="folder of <run_name>.txt and <run_name>.jsonl")
     a("--run_name", default=None, help="default: <optimizer>_<model>_<date-time>")
     a("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
@@ -191,6 +197,8 @@ def validate_flags(args, world_size=1):
                  "val_loss_every", "val_tokens", "model_dim", "n_layer", "n_head", "vocab_size"):
         need(getattr(args, name) > 0, f"--{name} must be positive, got {getattr(args, name)}")
     need(args.loss_chunk >= 0, f"--loss_chunk must be >= 0 (0 = off), got {args.loss_chunk}")
+    need(args.loss_chunk == 0 or not FP8_SCOPES[args.fp8][0], "--loss_chunk computes lm_head in bf16: it cannot "
+         "be combined with --fp8 all (use --loss_chunk 0 or --fp8 blocks)")
     need(args.batch_size % (args.device_batch_size * world_size) == 0,
          f"--batch_size {args.batch_size} must be a multiple of --device_batch_size {args.device_batch_size} "
          f"x {world_size} processes: change one of them")
@@ -219,8 +227,23 @@ def validate_flags(args, world_size=1):
          f"--resume {args.resume}: no such checkpoint file (give a .pt path or 'auto')")
     need(args.resume != "auto" or args.checkpoint_dir is not None, "--resume auto needs --checkpoint_dir")
     need(args.target_loss is None or args.record is None, "give --target_loss or --record, not both")
+    need(args.fp8 == "none" or not fp8_unfit_dims(args),
+         f"--fp8 needs every matrix dimension to be a multiple of {FP8_DIM_MULTIPLE}: "
+         f"{fp8_unfit_dims(args)} are not (change them or use --fp8 none)")
+    need(args.fp8 == "none" or args.device == "cpu" or torch.cuda.get_device_capability() >= (8, 9),
+         "--fp8 needs an FP8 tensor-core GPU (compute capability 8.9+: H100, H200, L40, RTX 4090): "
+         "use --fp8 none on this GPU")
     need(args.ns_backend == "torch" or (triton is not None and (args.device == "cuda" or TRITON_INTERPRET)),
          "--ns_backend triton needs triton and a CUDA device (or TRITON_INTERPRET=1): use --ns_backend torch")
+
+
+def fp8_unfit_dims(args):
+    """The dimensions (as flag names) of the --fp8 matmuls that torch._scaled_mm cannot take."""
+    head_fp8, _ = FP8_SCOPES[args.fp8]
+    dims = {"model_dim": args.model_dim, "mlp_hidden": args.mlp_hidden,
+            "n_kv_head x head size": args.n_kv_head * (args.model_dim // args.n_head)}
+    dims.update({"vocab_size": args.vocab_size} if head_fp8 else {})
+    return [name for name, n in dims.items() if n % FP8_DIM_MULTIPLE]
 
 
 def lr_multiplier(step, args):
@@ -622,6 +645,51 @@ def init_linear_(weight):
     nn.init.normal_(weight, std=fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in)))
 
 
+# FP8 matmuls (--fp8): per-tensor dynamic scaling, as Hopper's torch._scaled_mm takes it
+FP8_ACTIVATIONS, FP8_GRADIENTS = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def to_fp8(t, dtype):
+    """t scaled so that its absolute max becomes dtype's largest value, then cast (saturating);
+    returns the FP8 tensor and 1/scale, the factor torch._scaled_mm multiplies back."""
+    fmax = torch.finfo(dtype).max
+    scale = fmax / t.detach().abs().amax().float().clamp(min=1e-30)
+    return (t.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
+
+
+def scaled_mm(a8, a_inv, b8, b_inv, out_dtype=torch.bfloat16):
+    """a [M, K] @ b [N, K]^T from FP8 operands, fp32 accumulation. Both operands K-contiguous (row-major a,
+    column-major b^T) as Hopper's FP8 MMA requires."""
+    return torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
+
+
+class FP8Matmul(torch.autograd.Function):
+    """x [M, K] @ W [N, K]^T with x, W in e4m3 and the output gradient in e5m2, each with its own
+    per-tensor scale; bf16 output and input gradient, fp32 weight gradient. Saves the FP8 x and W."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        x8, x_inv = to_fp8(x, FP8_ACTIVATIONS)
+        w8, w_inv = to_fp8(weight, FP8_ACTIVATIONS)
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        return scaled_mm(x8, x_inv, w8, w_inv)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        g8, g_inv = to_fp8(grad, FP8_GRADIENTS)
+        grad_x = scaled_mm(g8, g_inv, w8.t().contiguous(), w_inv)  # g W
+        grad_w = scaled_mm(g8.t().contiguous(), g_inv, x8.t().contiguous(), x_inv, torch.float32)  # g^T x
+        return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype)
+
+
+def fp8_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) with the matmul in FP8 (FP8Matmul); bf16 output."""
+    y = FP8Matmul.apply(x.flatten(0, -2), weight).view(*x.shape[:-1], weight.size(0))
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 class Rotary(nn.Module):
     def __init__(self, head_dim, max_len, base=10000.0):
         super().__init__()
@@ -640,36 +708,37 @@ class Rotary(nn.Module):
 class CausalSelfAttention(nn.Module):
     """GPT attention: q, k, v, o of d x d, RMS QK-norm, RoPE, causal SDPA."""
 
-    def __init__(self, dim, n_head, max_len, rope_base):
+    def __init__(self, dim, n_head, max_len, rope_base, linear):
         super().__init__()
-        self.n_head = n_head
+        self.n_head, self.linear = n_head, linear
         self.qkv = nn.Parameter(torch.empty(3, dim, dim))  # q, k, v: three matrices for the optimizer
         self.out = nn.Parameter(torch.empty(dim, dim))
         self.rotary = Rotary(dim // n_head, max_len, rope_base)
 
     def forward(self, x):
         B, T, D = x.shape
-        q, k, v = F.linear(x, self.qkv.flatten(0, 1)).view(B, T, 3, self.n_head, D // self.n_head).unbind(2)
+        q, k, v = self.linear(x, self.qkv.flatten(0, 1)).view(B, T, 3, self.n_head, D // self.n_head).unbind(2)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return F.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
+        return self.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
 
 
 class MLP(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, linear):
         super().__init__()
+        self.linear = linear
         self.fc = nn.Parameter(torch.empty(hidden, dim))
         self.proj = nn.Parameter(torch.empty(dim, hidden))
 
     def forward(self, x):
-        return F.linear(F.relu(F.linear(x, self.fc)).square(), self.proj)
+        return self.linear(F.relu(self.linear(x, self.fc)).square(), self.proj)
 
 
 class Block(nn.Module):
-    def __init__(self, dim, n_head, max_len, rope_base, hidden):
+    def __init__(self, dim, n_head, max_len, rope_base, hidden, linear):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, n_head, max_len, rope_base)
-        self.mlp = MLP(dim, hidden)
+        self.attn = CausalSelfAttention(dim, n_head, max_len, rope_base, linear)
+        self.mlp = MLP(dim, hidden, linear)
 
     def forward(self, x):
         x = x + self.attn(rms_norm(x))
@@ -679,9 +748,10 @@ class Block(nn.Module):
 class GQAttention(nn.Module):
     """Qwen attention: grouped-query (n_kv_head shared k/v heads), q/k/v with bias, no QK-norm."""
 
-    def __init__(self, dim, n_head, n_kv_head, max_len, rope_base):
+    def __init__(self, dim, n_head, n_kv_head, max_len, rope_base, linear):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
+        self.linear = linear
         kv_dim = n_kv_head * self.head_dim
         self.q = nn.Parameter(torch.empty(dim, dim))
         self.kv = nn.Parameter(torch.empty(2, kv_dim, dim))  # k, v: two matrices for the optimizer
@@ -692,32 +762,33 @@ class GQAttention(nn.Module):
 
     def forward(self, x):
         B, T, D = x.shape
-        q = F.linear(x, self.q, self.q_bias).view(B, T, self.n_head, self.head_dim)
-        k, v = F.linear(x, self.kv.flatten(0, 1), self.kv_bias.flatten()).view(
+        q = self.linear(x, self.q, self.q_bias).view(B, T, self.n_head, self.head_dim)
+        k, v = self.linear(x, self.kv.flatten(0, 1), self.kv_bias.flatten()).view(
             B, T, 2, self.n_kv_head, self.head_dim).unbind(2)
         q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
-        return F.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
+        return self.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, linear):
         super().__init__()
+        self.linear = linear
         self.gate_up = nn.Parameter(torch.empty(2, hidden, dim))  # gate, up: two matrices
         self.down = nn.Parameter(torch.empty(dim, hidden))
 
     def forward(self, x):
-        gate, up = F.linear(x, self.gate_up.flatten(0, 1)).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down)
+        gate, up = self.linear(x, self.gate_up.flatten(0, 1)).chunk(2, dim=-1)
+        return self.linear(F.silu(gate) * up, self.down)
 
 
 class QwenBlock(nn.Module):
-    def __init__(self, dim, n_head, n_kv_head, max_len, rope_base, hidden):
+    def __init__(self, dim, n_head, n_kv_head, max_len, rope_base, hidden, linear):
         super().__init__()
         self.attn_norm, self.mlp_norm = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
-        self.attn = GQAttention(dim, n_head, n_kv_head, max_len, rope_base)
-        self.mlp = SwiGLU(dim, hidden)
+        self.attn = GQAttention(dim, n_head, n_kv_head, max_len, rope_base, linear)
+        self.mlp = SwiGLU(dim, hidden, linear)
 
     def forward(self, x):
         x = x + self.attn(self.attn_norm(x))
@@ -766,10 +837,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None
 
 
-def linear_cross_entropy(h, weight, targets, chunk=0, chunk_fn=cross_entropy_chunk):
-    """Mean cross-entropy of logits = h W^T in fp32 for h [N, d], targets [N]. chunk = 0: all logits at once."""
+def linear_cross_entropy(h, weight, targets, chunk=0, chunk_fn=cross_entropy_chunk, linear=F.linear):
+    """Mean cross-entropy of logits = linear(h, W) in fp32 for h [N, d], targets [N]. chunk = 0: all logits
+    at once (the chunked path always uses F.linear)."""
     if chunk == 0:
-        return F.cross_entropy(at_least_fp32(F.linear(h, weight)), targets)
+        return F.cross_entropy(at_least_fp32(linear(h, weight)), targets)
     return chunked_linear_cross_entropy(h, weight, targets, chunk, chunk_fn)
 
 
@@ -783,19 +855,22 @@ def chunked_linear_cross_entropy(h, weight, targets, chunk, chunk_fn):
 
 class GPT(nn.Module):
     """Token embedding, blocks, final RMSNorm, untied lm_head; returns the mean cross-entropy (fp32 logits,
-    computed loss_chunk tokens at a time if loss_chunk > 0)."""
+    computed loss_chunk tokens at a time if loss_chunk > 0). --fp8 swaps F.linear for fp8_linear."""
 
     def __init__(self, args):
         super().__init__()
         dim, max_len = args.model_dim, args.sequence_length
+        head_fp8, blocks_fp8 = FP8_SCOPES[args.fp8]
+        block_linear = fp8_linear if blocks_fp8 else F.linear
+        self.head_linear = fp8_linear if head_fp8 else F.linear
         self.embed = nn.Embedding(args.vocab_size, dim)
         if args.arch == "qwen":
             self.blocks = nn.ModuleList(QwenBlock(dim, args.n_head, args.n_kv_head, max_len, args.rope_base,
-                                                  args.mlp_hidden) for _ in range(args.n_layer))
+                                                  args.mlp_hidden, block_linear) for _ in range(args.n_layer))
             self.final_norm = nn.RMSNorm(dim, eps=1e-6)
         else:
-            self.blocks = nn.ModuleList(Block(dim, args.n_head, max_len, args.rope_base, args.mlp_hidden)
-                                        for _ in range(args.n_layer))
+            self.blocks = nn.ModuleList(Block(dim, args.n_head, max_len, args.rope_base, args.mlp_hidden,
+                                              block_linear) for _ in range(args.n_layer))
             self.final_norm = rms_norm
         self.lm_head = nn.Parameter(torch.empty(args.vocab_size, dim))  # untied
         self.loss_chunk = args.loss_chunk
@@ -816,7 +891,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return linear_cross_entropy(self.final_norm(x).flatten(0, 1), self.lm_head, targets.reshape(-1),
-                                    self.loss_chunk, self.loss_chunk_fn)
+                                    self.loss_chunk, self.loss_chunk_fn, self.head_linear)
 
 
 def build_model(args, device="cpu"):
@@ -982,7 +1057,7 @@ def check_data(val_path, train_shards, args, warn):
 RESUME_NEUTRAL_FLAGS = {  # may differ between a checkpoint and the run that resumes it
     "data_dir", "device_batch_size", "micro_batch_size", "val_loss_every", "device", "no_compile", "log_dir",
     "run_name", "wandb", "dry_run", "target_loss", "record", "checkpoint_dir", "checkpoint_freq",
-    "keep_checkpoints", "resume", "ns_backend", "loss_chunk", "attention"}
+    "keep_checkpoints", "resume", "ns_backend", "loss_chunk", "attention", "fp8"}
 CODE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
@@ -1335,6 +1410,9 @@ def train(args, rank, world, local):
     elif args.run_name is None:
         args.run_name = default_run_name(args)
     refuse_clobber(args, ckpt_meta is not None)
+    if args.fp8 != "none" and args.device == "cuda" and args.no_compile:
+        say("warning: --fp8 without torch.compile is about 2x slower than bf16 (its scaling and casts run as "
+            "separate kernels): drop --no_compile")
     target = resolve_target(args)
     stop = StopFlag()
 

@@ -89,8 +89,9 @@ def transform_ms(args, p, fused):
     return cuda_median_ms(lambda: [tg.spectral_transform(U, p, "taylor", fused) for U in stacks.values()], reps=5)
 
 
-def step_bench(args, steps, warmup, world, local, say):
-    """Median ms per train_step and peak allocated GiB."""
+def step_bench(args, steps, warmup, world, local, say, profile_rows=0):
+    """Median ms per train_step and peak allocated GiB; with profile_rows, one more step under the profiler,
+    whose most expensive GPU kernels are printed."""
     device = torch.device(args.device, local)  # cpu only in tests
     torch.manual_seed(args.seed)
     raw = tg.build_model(args, device)
@@ -112,8 +113,22 @@ def step_bench(args, steps, warmup, world, local, say):
         say(f"  {'warm-up' if i < warmup else 'step'} {i + 1}/{warmup + steps}: {ms:.1f} ms, "
             f"loss {loss.item() / accum:.4f}" + (f", p {opts[-1].last_p}" if hasattr(opts[-1], "last_p") else ""))
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    if profile_rows:
+        say(profile_step(lambda: tg.train_step(model, opts, batch, args, warmup + steps, 1.0 / accum, fwd_context),
+                         profile_rows))
     del model, raw, opts, batch, loss
     return statistics.median(times), peak
+
+
+def profile_step(step, rows):
+    """The `rows` GPU kernels of most total time in one call of step(), as torch.profiler's table."""
+    from torch.profiler import ProfilerActivity, profile
+    gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
+        step()
+        if gpu:
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
 
 
 def free():
@@ -153,6 +168,10 @@ def main():
     ap.add_argument("--loss_chunk", type=int, default=0, help="train_gpt.py --loss_chunk (0: full fp32 logits)")
     ap.add_argument("--attention", choices=list(tg.SDPA_BACKENDS), default="auto",
                     help="train_gpt.py --attention (SDPA backend)")
+    ap.add_argument("--fp8", choices=list(tg.FP8_SCOPES), default="none",
+                    help="train_gpt.py --fp8 (MFU stays against the bf16 matmul rate)")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="after the timed steps, profile one more and print its ROWS most expensive GPU kernels")
     ap.add_argument("--json", default=None, help="also write the table (and run facts) as JSON here")
     ap.add_argument("--dry_run", action="store_true", help="CPU: print planned configs and FLOPs/step, no CUDA")
     a = ap.parse_args()
@@ -180,7 +199,7 @@ def main():
         mb = a.micro_batch_size or tg.default_micro_batch(model, "cuda", DEVICE_BATCH, H100_GIB if a.dry_run else None)
         for opt in optims:
             args = config(model, opt, mb, world, device, ns_backend, a.no_compile,
-                          ["--loss_chunk", str(a.loss_chunk), "--attention", a.attention])
+                          ["--loss_chunk", str(a.loss_chunk), "--attention", a.attention, "--fp8", a.fp8])
             flops, n = flops_per_step(args)
             accum = args.batch_size // (world * mb)
             row = dict(model=model, opt=opt, micro_batch=mb, accum=accum, world=world, flops_per_step=flops,
@@ -190,7 +209,7 @@ def main():
                 f"{flops / 1e15:.3f} PFLOP/step, stacks {matrix_stacks(args)}")
             if not a.dry_run:
                 free()
-                ms, peak = step_bench(args, a.steps, a.warmup, world, local, say)
+                ms, peak = step_bench(args, a.steps, a.warmup, world, local, say, a.profile)
                 free()
                 tokens = args.batch_size * args.sequence_length
                 row.update(ms_step=ms, peak_gib=peak, tokens_s_gpu=tokens / world / ms * 1e3,
@@ -209,11 +228,11 @@ def main():
         meta = dict(device=None if a.dry_run else torch.cuda.get_device_name(), world=world, torch=torch.__version__,
                     matmul_tflops=peak_tflops, ns_backend=a.ns_backend, compile=not a.no_compile, steps=a.steps,
                     warmup=a.warmup, p_schedule="dynmuon fixed p=-0.25, muon p=0", flops_formula=FLOPS_FORMULA,
-                    loss_chunk=a.loss_chunk, attention=a.attention)
+                    loss_chunk=a.loss_chunk, attention=a.attention, fp8=a.fp8)
         Path(a.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     say(f"\nglobal batch 512x1024, {a.steps} timed steps (median) after {a.warmup} warm-up, "
         f"NS backend {a.ns_backend}, {'eager' if a.no_compile else 'torch.compile'}, loss_chunk {a.loss_chunk}, "
-        f"attention {a.attention}; {FLOPS_FORMULA}")
+        f"attention {a.attention}, fp8 {a.fp8}; {FLOPS_FORMULA}")
     say(format_table(rows))
     if tg.is_distributed():
         tg.dist.destroy_process_group()

@@ -83,6 +83,9 @@ def test_out_of_memory_names_the_flag_to_change(monkeypatch, tmp_path, tiny_data
     (["--dynmuon_pmin", "-3"], "[-1, 1]"),
     (["--warmup_ratio", "0.7", "--warmdown_ratio", "0.5"], "sum to at most 1"),
     (["--resume", "auto"], "needs --checkpoint_dir"),
+    (["--fp8", "all", "--model_dim", "40", "--n_head", "4"], "model_dim"),
+    (["--fp8", "all", "--vocab_size", "50257"], "['vocab_size'] are not"),
+    (["--fp8", "all", "--loss_chunk", "4096"], "cannot be combined with --fp8 all"),
 ])
 def test_bad_flags_exit_2_with_one_line(monkeypatch, capsys, flags, message):
     code, _, err = run_cli(monkeypatch, capsys, "--device", "cpu", *flags)
