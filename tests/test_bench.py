@@ -9,6 +9,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import bench_step  # noqa: E402
+import scaling  # noqa: E402
 
 
 def test_bench_step_dry_run_plans_every_preset(tmp_path):
@@ -39,3 +40,32 @@ def test_profile_step_names_the_kernels_of_the_step():
     a, b = torch.randn(64, 48), torch.randn(48, 32)
     table = bench_step.profile_step(lambda: a @ b, rows=5)
     assert "aten::mm" in table
+
+
+def test_scaling_dry_run_joins_one_and_n_gpu_plans(tmp_path):
+    out = tmp_path / "runs" / "scaling.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "scaling.py"), "--nproc", "8", "--dry_run",
+                           "--models", "127M", "--optimizers", "dynmuon", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["opt"], r["world"], r["accum_1"], r["accum_n"]) for r in rows] == [
+        ("127M", "dynmuon", 8, 8, 1)]
+    assert rows[0]["efficiency"] is None  # a dry run times nothing
+    assert sorted(p.name for p in out.parent.iterdir()) == ["scaling.json", "scaling_1gpu.json", "scaling_8gpu.json"]
+    assert proc.stdout.rstrip().splitlines()[-1].lstrip().startswith("127M | dynmuon | 64 |       8/1")
+
+
+def test_scaling_efficiency_is_per_gpu_throughput_ratio():
+    def run(world, tokens_s):
+        return dict(rows=[dict(model="601M", opt="muon", world=world, micro_batch=64, accum=8 // world, ms_step=1.0,
+                               tokens_s_gpu=tokens_s, peak_gib=90.0, dyn_over_muon=None)])
+    (row,) = scaling.join_rows(run(1, 1000.0), run(2, 950.0))
+    assert row["efficiency"] == 0.95 and (row["accum_1"], row["accum_n"]) == (8, 4)
+    assert "95.0%" in scaling.format_table([row])
+
+
+def test_scaling_rejects_flags_it_does_not_pass_on():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "scaling.py"), "--nproc", "2", "--loss_chunk", "8"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not a bench_step.py flag passed on" in proc.stderr
