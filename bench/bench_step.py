@@ -3,6 +3,8 @@ torch.compile, bf16 autocast, synthetic tokens) for Muon vs DynMuon, plus the sp
 
     python bench/bench_step.py                                  # 1 GPU: 127M, 601M, 1.1B x muon, dynmuon
     python bench/bench_step.py --models 127M --steps 10 --json bench_127M.json
+    python bench/bench_step.py --models 601M --fp8 all          # FP8 matmuls (train_gpt.py --fp8)
+    python bench/bench_step.py --models 127M --profile 40       # also the 40 costliest GPU kernels of a step
     torchrun --standalone --nproc_per_node=2 bench/bench_step.py  # DDP as train_gpt: per-GPU tokens/s, scaling
     python bench/bench_step.py --dry_run                        # CPU: planned configs and FLOPs per step
 
