@@ -114,6 +114,9 @@ def build_arg_parser():
       help="p<0 transform: taylor = Fast-Spectral (paper); svd = exact U S^p V^T in fp32 (slow)")
     a("--ns_backend", choices=["auto", "torch", "triton"], default="auto",
       help="Newton-Schulz/Fast-Spectral kernels: fused Triton or plain torch; auto = triton on CUDA")
+    a("--qk_backend", choices=["auto", "torch", "triton"], default="auto",
+      help="attention's QK RMSNorm + RoPE: one fused Triton kernel (fp32 math, forward and backward) or "
+           "plain torch ops; auto = triton on CUDA")
     # run
     a("--seed", type=int, default=0, help="seed of the initialisation")
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
@@ -165,8 +168,9 @@ def resolve_config(argv=None):
         args.micro_batch_size = default_micro_batch(args.model, args.device, args.device_batch_size)
     if args.run_name is None and args.resume is None:
         args.run_name = default_run_name(args)
-    if args.ns_backend == "auto":
-        args.ns_backend = "triton" if (args.device == "cuda" and triton is not None) else "torch"
+    for backend in ("ns_backend", "qk_backend"):
+        if getattr(args, backend) == "auto":
+            setattr(args, backend, "triton" if (args.device == "cuda" and triton is not None) else "torch")
     validate_flags(args)
     return args
 
@@ -233,8 +237,9 @@ def validate_flags(args, world_size=1):
     need(args.fp8 == "none" or args.device == "cpu" or torch.cuda.get_device_capability() >= (8, 9),
          "--fp8 needs an FP8 tensor-core GPU (compute capability 8.9+: H100, H200, L40, RTX 4090): "
          "use --fp8 none on this GPU")
-    need(args.ns_backend == "torch" or (triton is not None and (args.device == "cuda" or TRITON_INTERPRET)),
-         "--ns_backend triton needs triton and a CUDA device (or TRITON_INTERPRET=1): use --ns_backend torch")
+    for backend in ("ns_backend", "qk_backend"):
+        need(getattr(args, backend) == "torch" or (triton is not None and (args.device == "cuda" or TRITON_INTERPRET)),
+             f"--{backend} triton needs triton and a CUDA device (or TRITON_INTERPRET=1): use --{backend} torch")
 
 
 def fp8_unfit_dims(args):
@@ -351,8 +356,11 @@ def spectral_transform(U, p, spectral="taylor", fused=False):
 #                   symmetric (A A = A A^T), B = b A + c A^2 with the b A epilogue fused.
 #   _update_kernel: Out = s (a X + B X), a batched matmul with the a X and per-matrix scale fused.
 # With bf16 outputs the epilogues round each op like eager torch bf16 does, so both paths agree.
+# Also the attention's RMS QK-norm + RoPE (--qk_backend triton): _qk_norm_rope_kernel, forward or backward in
+# fp32 per head row, reads q and k in place from the qkv projection.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_BLOCKS = (32, 64, 4, 1) if TRITON_INTERPRET else (128, 64, 8, 3)  # BLOCK_MN, BLOCK_K, warps, stages
+QK_ROWS_PER_PROGRAM = 4 if TRITON_INTERPRET else 64  # head rows per program of _qk_norm_rope_kernel
 
 if triton is not None:
     @triton.jit
@@ -444,6 +452,37 @@ if triton is not None:
         val = _cast(acc, Out.dtype.element_ty, EMU)
         tl.store(Out + rm[:, None] * som + rn[None, :] * son, val, mask=mask)
 
+    @triton.jit
+    def _qk_norm_rope_kernel(X, G, Cos, Sin, Out, n_rows, heads, seq_len, sx_tok, s_qk, eps,
+                             BACKWARD: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+                             BR: tl.constexpr, EMU: tl.constexpr):
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)  # row = token * 2 heads + (0 for q, 1 for k) * heads + head
+        cols = tl.arange(0, HALF_P2)
+        mask = (rows < n_rows)[:, None] & (cols < HALF)[None, :]
+        tok, j = rows // (2 * heads), rows % (2 * heads)
+        px = X + (tok.to(tl.int64) * sx_tok + j * 2 * HALF)[:, None] + cols[None, :]
+        x1 = tl.load(px, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(px + HALF, mask=mask, other=0.0).to(tl.float32)
+        r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        n1, n2 = x1 * r, x2 * r
+        pcs = ((tok % seq_len) * HALF)[:, None] + cols[None, :]
+        c = tl.load(Cos + pcs, mask=mask, other=0.0)
+        s = tl.load(Sin + pcs, mask=mask, other=0.0)
+        qk_offset = (j // heads).to(tl.int64) * s_qk + (tok.to(tl.int64) * heads + j % heads) * 2 * HALF
+        if BACKWARD:  # G: gradient of the output; Out: gradient of X, laid out as a contiguous X
+            pg = G + qk_offset[:, None] + cols[None, :]
+            g1 = tl.load(pg, mask=mask, other=0.0).to(tl.float32)
+            g2 = tl.load(pg + HALF, mask=mask, other=0.0).to(tl.float32)
+            gn1, gn2 = g1 * c + g2 * s, g2 * c - g1 * s  # rotated back
+            dot = ((tl.sum(gn1 * n1, 1) + tl.sum(gn2 * n2, 1)) / (2 * HALF))[:, None]
+            y1, y2 = r * (gn1 - n1 * dot), r * (gn2 - n2 * dot)
+            po = Out + (rows.to(tl.int64) * 2 * HALF)[:, None] + cols[None, :]
+        else:  # Out [2, tokens, heads, head_dim]: q, then k
+            y1, y2 = n1 * c - n2 * s, n1 * s + n2 * c
+            po = Out + qk_offset[:, None] + cols[None, :]
+        tl.store(po, _cast(y1, Out.dtype.element_ty, EMU), mask=mask)
+        tl.store(po + HALF, _cast(y2, Out.dtype.element_ty, EMU), mask=mask)
+
 
 _TILE_PAIRS = {}
 
@@ -504,6 +543,60 @@ def ns_update(B, X, a, scale=None, out=None, out_dtype=None, torch_rounding=True
         B3, X3, O3, s, m, n, *B3.stride(), *X3.stride(), *O3.stride(), float(a),
         HAS_SCALE=scale is not None, RND=torch_rounding and out.dtype == torch.bfloat16, **kwargs)
     return out
+
+
+def _qk_norm_rope(qk, grad, cos, sin):
+    """Launches _qk_norm_rope_kernel: forward (grad None) or backward. qk [B, T, 2, H, hd] may be a view of
+    the [B, T, 3, H, hd] qkv projection; returns [2, B, T, H, hd] (forward) or a contiguous [B, T, 2, H, hd]."""
+    emu = _triton_args(qk)["EMU"]
+    B, T, _, H, hd = qk.shape
+    if qk.stride()[1:] != (qk.stride(1), H * hd, hd, 1) or qk.stride(0) != T * qk.stride(1):
+        qk = qk.contiguous()
+    backward = grad is not None
+    out = torch.empty(qk.shape if backward else (2, B, T, H, hd), dtype=qk.dtype, device=qk.device)
+    rows = B * T * 2 * H
+    block_rows = QK_ROWS_PER_PROGRAM
+    _qk_norm_rope_kernel[(triton.cdiv(rows, block_rows),)](
+        qk, grad.contiguous() if backward else qk, cos, sin, out, rows, H, T, qk.stride(1), B * T * H * hd,
+        torch.finfo(qk.dtype).eps, BACKWARD=backward, HALF=hd // 2, HALF_P2=triton.next_power_of_2(hd // 2),
+        BR=block_rows, EMU=emu, num_warps=4)
+    return out
+
+
+@torch.library.custom_op("dynmuon::qk_norm_rope", mutates_args=())
+def qk_norm_rope_fused(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rope(rms_norm(q)), rope(rms_norm(k)) in one Triton kernel (fp32 math, F.rms_norm's default eps) for
+    qk [B, T, 2, H, hd] (q and k of the qkv projection); cos, sin: fp32 [>= T, hd/2]. Returns [2, B, T, H, hd]."""
+    return _qk_norm_rope(qk, None, cos, sin)
+
+
+@qk_norm_rope_fused.register_fake
+def _(qk, cos, sin):
+    B, T, _, H, hd = qk.shape
+    return qk.new_empty(2, B, T, H, hd)
+
+
+@torch.library.custom_op("dynmuon::qk_norm_rope_backward", mutates_args=())
+def qk_norm_rope_fused_backward(grad: torch.Tensor, qk: torch.Tensor, cos: torch.Tensor,
+                                sin: torch.Tensor) -> torch.Tensor:
+    return _qk_norm_rope(qk, grad, cos, sin)
+
+
+@qk_norm_rope_fused_backward.register_fake
+def _(grad, qk, cos, sin):
+    return torch.empty_like(qk, memory_format=torch.contiguous_format)
+
+
+def _qk_norm_rope_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _qk_norm_rope_grad(ctx, grad):
+    qk, cos, sin = ctx.saved_tensors
+    return qk_norm_rope_fused_backward(grad, qk, cos, sin), None, None
+
+
+qk_norm_rope_fused.register_autograd(_qk_norm_rope_grad, setup_context=_qk_norm_rope_setup)
 
 
 # -----------------------------------------------------------------------------
@@ -706,19 +799,24 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """GPT attention: q, k, v, o of d x d, RMS QK-norm, RoPE, causal SDPA."""
+    """GPT attention: q, k, v, o of d x d, RMS QK-norm, RoPE, causal SDPA. qk_fused: the norm and RoPE of
+    q and k in one Triton kernel (qk_norm_rope_fused) instead of torch ops."""
 
-    def __init__(self, dim, n_head, max_len, rope_base, linear):
+    def __init__(self, dim, n_head, max_len, rope_base, linear, qk_fused):
         super().__init__()
-        self.n_head, self.linear = n_head, linear
+        self.n_head, self.linear, self.qk_fused = n_head, linear, qk_fused
         self.qkv = nn.Parameter(torch.empty(3, dim, dim))  # q, k, v: three matrices for the optimizer
         self.out = nn.Parameter(torch.empty(dim, dim))
         self.rotary = Rotary(dim // n_head, max_len, rope_base)
 
     def forward(self, x):
         B, T, D = x.shape
-        q, k, v = self.linear(x, self.qkv.flatten(0, 1)).view(B, T, 3, self.n_head, D // self.n_head).unbind(2)
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        qkv = self.linear(x, self.qkv.flatten(0, 1)).view(B, T, 3, self.n_head, D // self.n_head)
+        if self.qk_fused:
+            q, k = qk_norm_rope_fused(qkv[:, :, :2], self.rotary.cos, self.rotary.sin).unbind(0)
+        else:
+            q, k = self.rotary(rms_norm(qkv[:, :, 0])), self.rotary(rms_norm(qkv[:, :, 1]))
+        v = qkv[:, :, 2]
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
 
@@ -735,9 +833,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, n_head, max_len, rope_base, hidden, linear):
+    def __init__(self, dim, n_head, max_len, rope_base, hidden, linear, qk_fused):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, n_head, max_len, rope_base, linear)
+        self.attn = CausalSelfAttention(dim, n_head, max_len, rope_base, linear, qk_fused)
         self.mlp = MLP(dim, hidden, linear)
 
     def forward(self, x):
@@ -870,7 +968,7 @@ class GPT(nn.Module):
             self.final_norm = nn.RMSNorm(dim, eps=1e-6)
         else:
             self.blocks = nn.ModuleList(Block(dim, args.n_head, max_len, args.rope_base, args.mlp_hidden,
-                                              block_linear) for _ in range(args.n_layer))
+                                              block_linear, args.qk_backend == "triton") for _ in range(args.n_layer))
             self.final_norm = rms_norm
         self.lm_head = nn.Parameter(torch.empty(args.vocab_size, dim))  # untied
         self.loss_chunk = args.loss_chunk
@@ -1057,7 +1155,7 @@ def check_data(val_path, train_shards, args, warn):
 RESUME_NEUTRAL_FLAGS = {  # may differ between a checkpoint and the run that resumes it
     "data_dir", "device_batch_size", "micro_batch_size", "val_loss_every", "device", "no_compile", "log_dir",
     "run_name", "wandb", "dry_run", "target_loss", "record", "checkpoint_dir", "checkpoint_freq",
-    "keep_checkpoints", "resume", "ns_backend", "loss_chunk", "attention", "fp8"}
+    "keep_checkpoints", "resume", "ns_backend", "qk_backend", "loss_chunk", "attention", "fp8"}
 CODE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 

@@ -93,6 +93,13 @@ def test_bad_flags_exit_2_with_one_line(monkeypatch, capsys, flags, message):
     assert message in err and err.strip().count("\n") == 0, err
 
 
+@pytest.mark.parametrize("flag", ["--ns_backend", "--qk_backend"])
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch, capsys, flag):
+    monkeypatch.setattr(tg, "TRITON_INTERPRET", False)
+    code, _, err = run_cli(monkeypatch, capsys, "--device", "cpu", flag, "triton")
+    assert code == 2 and f"{flag} triton needs triton and a CUDA device" in err, err
+
+
 def test_bad_flag_exits_2_as_a_process():
     proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py"), "--device", "cpu", "--batch_size", "100"],
                           capture_output=True, text=True, timeout=120)

@@ -1,0 +1,104 @@
+"""The fused QK-norm + RoPE Triton kernel (--qk_backend triton) against float64 and the torch path.
+Without CUDA it runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="triton is not importable: no fused QK-norm + RoPE to test")
+
+import train_gpt as tg  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# (batch, seq, heads, head_dim): a batch of one token and head, odd sizes, a half head_dim of 3 (not a power of 2)
+SHAPES = [(1, 1, 1, 2), (2, 5, 3, 16), (1, 7, 2, 6), (3, 9, 5, 64)]
+
+
+def qkv_and_rotary(shape, dtype, seed=0):
+    B, T, H, hd = shape
+    g = torch.Generator().manual_seed(seed)
+    qkv = (1 + 3 * torch.rand(B, T, 3, H, hd, generator=g)) * torch.randn(B, T, 3, H, hd, generator=g)
+    return qkv.to(DEV, dtype), tg.Rotary(hd, T + 3, 10000.0).to(DEV)
+
+
+def reference64(qkv, rotary, eps):
+    """rope(rms_norm(q)), rope(rms_norm(k)) in float64 with the eps the model's F.rms_norm uses for qkv's dtype."""
+    x, rot64 = qkv.double(), tg.Rotary(qkv.size(-1), rotary.cos.size(0), 10000.0).to(DEV).double()
+    return torch.stack([rot64(F.rms_norm(x[:, :, s], (x.size(-1),), eps=eps)) for s in (0, 1)])
+
+
+def forward_and_grad(fn, qkv, grad_out):
+    x = qkv.detach().requires_grad_(True)
+    out = fn(x)
+    return out.detach(), torch.autograd.grad(out, x, grad_out.to(out.dtype))[0]
+
+
+def fused(rotary):
+    return lambda qkv: tg.qk_norm_rope_fused(qkv[:, :, :2], rotary.cos, rotary.sin)
+
+
+def plain(rotary):
+    return lambda qkv: torch.stack([rotary(tg.rms_norm(qkv[:, :, s])) for s in (0, 1)])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_backward_match_float64(shape, dtype):
+    qkv, rotary = qkv_and_rotary(shape, dtype)
+    x64 = qkv.double().requires_grad_(True)
+    ref = reference64(x64, rotary, torch.finfo(dtype).eps)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(DEV, dtype).double()
+    ref_grad = torch.autograd.grad(ref, x64, grad_out)[0]
+    out, grad = forward_and_grad(fused(rotary), qkv, grad_out)
+    assert out.shape == ref.shape and out.dtype == dtype and grad.shape == qkv.shape
+    assert torch.equal(grad[:, :, 2], torch.zeros_like(grad[:, :, 2]))  # v takes no part
+    # fp32 math, one rounding to dtype at the end: at most half a unit in the last place, plus fp32 noise
+    half_ulp = torch.finfo(dtype).eps / 2
+    for got, want in ((out, ref.detach()), (grad, ref_grad)):
+        err = (got.double() - want).abs()
+        assert (err <= half_ulp * want.abs() + 1e-5 * want.abs().max()).all(), err.max().item()
+
+
+def test_bf16_kernel_is_closer_to_float64_than_the_torch_path():
+    qkv, rotary = qkv_and_rotary((2, 33, 4, 64), torch.bfloat16, seed=3)
+    x64 = qkv.double().requires_grad_(True)
+    ref = reference64(x64, rotary, torch.finfo(torch.bfloat16).eps)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(DEV, torch.bfloat16).double()
+    ref_grad = torch.autograd.grad(ref, x64, grad_out)[0]
+    errors = {}
+    for name, fn in (("fused", fused(rotary)), ("torch", plain(rotary))):
+        out, grad = forward_and_grad(fn, qkv, grad_out)
+        errors[name] = ((out.double() - ref).norm() / ref.norm(), (grad.double() - ref_grad).norm() / ref_grad.norm())
+    for fused_err, torch_err in zip(errors["fused"], errors["torch"]):
+        assert fused_err < torch_err < 2e-2
+
+
+def test_strided_and_contiguous_inputs_agree():
+    qkv, rotary = qkv_and_rotary((2, 6, 3, 8), torch.float32)
+    qk_view = qkv[:, :, :2]  # a view: the token stride is 3 heads-blocks wide
+    assert not qk_view.is_contiguous()
+    out_view = tg.qk_norm_rope_fused(qk_view, rotary.cos, rotary.sin)
+    out_copy = tg.qk_norm_rope_fused(qk_view.contiguous(), rotary.cos, rotary.sin)
+    transposed = qk_view.transpose(0, 1).contiguous().transpose(0, 1)  # batch stride below the token stride
+    out_transposed = tg.qk_norm_rope_fused(transposed, rotary.cos, rotary.sin)
+    assert torch.equal(out_view, out_copy) and torch.equal(out_view, out_transposed)
+
+
+def tiny_model(qk_backend):
+    args = tg.resolve_config(["--model", "tiny", "--device", "cpu", "--qk_backend", qk_backend, "--run_name", "t"])
+    torch.manual_seed(0)
+    return tg.build_model(args, DEV)
+
+
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_model_with_fused_qk_matches_the_torch_path(compile_model):
+    plain_model, fused_model = tiny_model("torch"), tiny_model("triton")
+    g = torch.Generator().manual_seed(0)
+    idx, targets = (torch.randint(0, plain_model.lm_head.size(0), (2, 24), generator=g).to(DEV) for _ in range(2))
+    losses = []
+    for model in (plain_model, torch.compile(fused_model) if compile_model else fused_model):
+        loss = model(idx, targets)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for p, q in zip(plain_model.parameters(), fused_model.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-7
