@@ -168,6 +168,8 @@ def main():
     ap.add_argument("--ns_backend", choices=["triton", "torch"], default="triton", help="kernels of the step timing")
     ap.add_argument("--qk_backend", choices=["triton", "torch"], default="triton",
                     help="train_gpt.py --qk_backend (QK-norm + RoPE kernel)")
+    ap.add_argument("--ce_backend", choices=["torch", "triton"], default="torch",
+                    help="train_gpt.py --ce_backend (cross-entropy kernel)")
     ap.add_argument("--no_compile", action="store_true", help="time the eager model")
     ap.add_argument("--loss_chunk", type=int, default=0, help="train_gpt.py --loss_chunk (0: full fp32 logits)")
     ap.add_argument("--attention", choices=list(tg.SDPA_BACKENDS), default="auto",
@@ -189,6 +191,7 @@ def main():
     device = "cpu" if a.dry_run else "cuda"
     ns_backend = "torch" if a.dry_run else a.ns_backend
     qk_backend = "torch" if a.dry_run else a.qk_backend
+    ce_backend = "torch" if a.dry_run else a.ce_backend
     rank, local = 0, 0
     if not a.dry_run:
         rank, world, local = tg.setup_distributed(config(models[0], optims[0], 1, 1, device, ns_backend, True))
@@ -205,7 +208,7 @@ def main():
         for opt in optims:
             args = config(model, opt, mb, world, device, ns_backend, a.no_compile,
                           ["--loss_chunk", str(a.loss_chunk), "--attention", a.attention, "--fp8", a.fp8,
-                           "--qk_backend", qk_backend])
+                           "--qk_backend", qk_backend, "--ce_backend", ce_backend])
             flops, n = flops_per_step(args)
             accum = args.batch_size // (world * mb)
             row = dict(model=model, opt=opt, micro_batch=mb, accum=accum, world=world, flops_per_step=flops,
@@ -232,13 +235,15 @@ def main():
                 ref["dynmuon"] / ref["muon"]
     if a.json and rank == 0:
         meta = dict(device=None if a.dry_run else torch.cuda.get_device_name(), world=world, torch=torch.__version__,
-                    matmul_tflops=peak_tflops, ns_backend=a.ns_backend, qk_backend=a.qk_backend, compile=not a.no_compile, steps=a.steps,
+                    matmul_tflops=peak_tflops, ns_backend=a.ns_backend, qk_backend=a.qk_backend,
+                    ce_backend=a.ce_backend, compile=not a.no_compile, steps=a.steps,
                     warmup=a.warmup, p_schedule="dynmuon fixed p=-0.25, muon p=0", flops_formula=FLOPS_FORMULA,
                     loss_chunk=a.loss_chunk, attention=a.attention, fp8=a.fp8)
         Path(a.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     say(f"\nglobal batch 512x1024, {a.steps} timed steps (median) after {a.warmup} warm-up, "
-        f"NS backend {a.ns_backend}, QK backend {a.qk_backend}, {'eager' if a.no_compile else 'torch.compile'}, loss_chunk {a.loss_chunk}, "
-        f"attention {a.attention}, fp8 {a.fp8}; {FLOPS_FORMULA}")
+        f"NS backend {a.ns_backend}, QK backend {a.qk_backend}, CE backend {a.ce_backend}, "
+        f"{'eager' if a.no_compile else 'torch.compile'}, loss_chunk {a.loss_chunk}, attention {a.attention}, "
+        f"fp8 {a.fp8}; {FLOPS_FORMULA}")
     say(format_table(rows))
     if tg.is_distributed():
         tg.dist.destroy_process_group()

@@ -86,6 +86,8 @@ def test_out_of_memory_names_the_flag_to_change(monkeypatch, tmp_path, tiny_data
     (["--fp8", "all", "--model_dim", "40", "--n_head", "4"], "model_dim"),
     (["--fp8", "all", "--vocab_size", "50257"], "['vocab_size'] are not"),
     (["--fp8", "all", "--loss_chunk", "4096"], "cannot be combined with --fp8 all"),
+    (["--ce_backend", "triton", "--loss_chunk", "4096"], "--ce_backend triton cannot be combined"),
+    (["--ce_backend", "triton", "--fp8", "all"], "--ce_backend triton cannot be combined"),
 ])
 def test_bad_flags_exit_2_with_one_line(monkeypatch, capsys, flags, message):
     code, _, err = run_cli(monkeypatch, capsys, "--device", "cpu", *flags)
@@ -93,7 +95,15 @@ def test_bad_flags_exit_2_with_one_line(monkeypatch, capsys, flags, message):
     assert message in err and err.strip().count("\n") == 0, err
 
 
-@pytest.mark.parametrize("flag", ["--ns_backend", "--qk_backend"])
+def test_auto_backends_take_the_kernels_only_where_they_run(monkeypatch):
+    cpu = tg.resolve_config(["--device", "cpu"])
+    assert (cpu.ns_backend, cpu.qk_backend, cpu.ce_backend) == ("torch", "torch", "torch")
+    monkeypatch.setattr(tg, "validate_flags", lambda args, world_size=1: None)  # no GPU here to validate against
+    gpu = tg.resolve_config(["--device", "cuda", "--micro_batch_size", "64"])
+    assert (gpu.ns_backend, gpu.qk_backend, gpu.ce_backend) == ("triton", "triton", "torch")
+
+
+@pytest.mark.parametrize("flag", ["--ns_backend", "--qk_backend", "--ce_backend"])
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch, capsys, flag):
     monkeypatch.setattr(tg, "TRITON_INTERPRET", False)
     code, _, err = run_cli(monkeypatch, capsys, "--device", "cpu", flag, "triton")

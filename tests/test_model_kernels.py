@@ -1,10 +1,11 @@
-"""The fused QK-norm + RoPE Triton kernel (--qk_backend triton) against float64 and the torch path.
-Without CUDA it runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1)."""
+"""The model's Triton kernels against float64 and the torch path: the fused QK-norm + RoPE (--qk_backend
+triton) and the cross-entropy (--ce_backend triton). Without CUDA they run under the Triton interpreter
+(conftest sets TRITON_INTERPRET=1)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton", reason="triton is not importable: no fused QK-norm + RoPE to test")
+pytest.importorskip("triton", reason="triton is not importable: no model kernels to test")
 
 import train_gpt as tg  # noqa: E402
 
@@ -83,21 +84,63 @@ def test_strided_and_contiguous_inputs_agree():
     assert torch.equal(out_view, out_copy) and torch.equal(out_view, out_transposed)
 
 
-def tiny_model(qk_backend):
-    args = tg.resolve_config(["--model", "tiny", "--device", "cpu", "--qk_backend", qk_backend, "--run_name", "t"])
+# cross-entropy: (rows, vocab) with a single row, a vocabulary that is not a multiple of the block, and several blocks
+CE_SHAPES = [(1, 5), (7, 203), (4, 3 * tg.CE_BLOCK + 5)]
+
+
+@pytest.mark.parametrize("shape", CE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_kernel_matches_float64(shape, dtype):
+    n, vocab = shape
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(n, vocab, generator=g)).to(DEV, dtype)
+    targets = torch.randint(0, vocab, (n,), generator=g).to(DEV)
+    x64 = logits.double().requires_grad_(True)
+    ref_rows = F.cross_entropy(x64, targets, reduction="none")
+    ref_grad = torch.autograd.grad(ref_rows.mean(), x64)[0]
+    rows, grad = tg.cross_entropy_with_grad(logits, targets)
+    assert rows.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(rows.double(), ref_rows.detach(), rtol=1e-6, atol=1e-6)
+    half_ulp = torch.finfo(dtype).eps / 2
+    err = (grad.double() - ref_grad).abs()
+    assert (err <= half_ulp * ref_grad.abs() + 1e-6 / n).all(), err.max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_linear_cross_entropy_matches_the_torch_loss(dtype):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(9, 16, generator=g).to(DEV, dtype).requires_grad_(True)
+    weight = torch.randn(131, 16, generator=g).to(DEV, dtype).requires_grad_(True)
+    targets = torch.randint(0, 131, (9,), generator=g).to(DEV)
+    results = []
+    for fused_ce in (False, True):
+        loss = tg.linear_cross_entropy(h, weight, targets, fused=fused_ce)
+        results.append((loss, *torch.autograd.grad(0.37 * loss, (h, weight))))  # a scaled backward, as in accumulation
+    tol = 1e-5  # the kernel's math (and the loss it returns) is fp32 also for float64 inputs
+    for fused_value, plain_value in zip(results[1], results[0]):
+        torch.testing.assert_close(fused_value.to(dtype), plain_value, rtol=tol, atol=tol)
+    assert results[1][0].dtype == torch.float32 and results[1][1].dtype == results[1][2].dtype == dtype
+    with torch.no_grad():  # evaluation takes the plain path: no gradient is written
+        assert tg.linear_cross_entropy(h, weight, targets, fused=True) == results[0][0]
+
+
+def tiny_model(backend):
+    args = tg.resolve_config(["--model", "tiny", "--vocab_size", "300", "--device", "cpu", "--qk_backend", backend,
+                              "--ce_backend", backend, "--run_name", "t"])
     torch.manual_seed(0)
     return tg.build_model(args, DEV)
 
 
 @pytest.mark.parametrize("compile_model", [False, True])
-def test_model_with_fused_qk_matches_the_torch_path(compile_model):
+def test_model_with_the_kernels_matches_the_torch_path(compile_model):
     plain_model, fused_model = tiny_model("torch"), tiny_model("triton")
+    assert fused_model.ce_fused and fused_model.blocks[0].attn.qk_fused and not plain_model.ce_fused
     g = torch.Generator().manual_seed(0)
     idx, targets = (torch.randint(0, plain_model.lm_head.size(0), (2, 24), generator=g).to(DEV) for _ in range(2))
     losses = []
     for model in (plain_model, torch.compile(fused_model) if compile_model else fused_model):
         loss = model(idx, targets)
-        loss.backward()
+        (0.5 * loss).backward()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for p, q in zip(plain_model.parameters(), fused_model.parameters()):
