@@ -241,7 +241,7 @@ def validate_flags(args, world_size=1):
     need(args.fp8 == "none" or args.device == "cpu" or torch.cuda.get_device_capability() >= (8, 9),
          "--fp8 needs an FP8 tensor-core GPU (compute capability 8.9+: H100, H200, L40, RTX 4090): "
          "use --fp8 none on this GPU")
-    need(args.ce_backend == "torch" or not (args.loss_chunk or args.fp8 == "all"),
+    need(args.ce_backend == "torch" or not (args.loss_chunk or FP8_SCOPES[args.fp8][0]),
          "--ce_backend triton cannot be combined with --loss_chunk or --fp8 all: use --ce_backend torch")
     for backend in ("ns_backend", "qk_backend", "ce_backend"):
         need(getattr(args, backend) == "torch" or (triton is not None and (args.device == "cuda" or TRITON_INTERPRET)),

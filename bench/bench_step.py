@@ -189,9 +189,8 @@ def main():
             ap.error(f"unknown {bad}: choose from {list(known)}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = "cpu" if a.dry_run else "cuda"
-    ns_backend = "torch" if a.dry_run else a.ns_backend
-    qk_backend = "torch" if a.dry_run else a.qk_backend
-    ce_backend = "torch" if a.dry_run else a.ce_backend
+    # a dry run builds CPU configs, where the Triton paths do not run
+    ns_backend, qk_backend, ce_backend = ("torch",) * 3 if a.dry_run else (a.ns_backend, a.qk_backend, a.ce_backend)
     rank, local = 0, 0
     if not a.dry_run:
         rank, world, local = tg.setup_distributed(config(models[0], optims[0], 1, 1, device, ns_backend, True))
