@@ -44,8 +44,9 @@ ARCH_DEFAULTS = {  # n_kv_head (None: = n_head), mlp_hidden (None: 4d), rope_bas
     "gpt": (None, None, 10000.0),
     "qwen": (2, 2816, 1e6),
 }
-MICRO_BATCH_PEAK = {"127M": (64, 38.4), "601M": (16, 28.9), "1.1B": (16, 43.3), "qwen171M": (32, 24.6)}
-# (micro-batch, peak GiB allocated) measured on one H100 80 GB (bench/NOTES.md)
+MICRO_BATCH_PEAK = {"127M": (64, 44.4), "601M": (32, 52.2), "1.1B": (16, 44.5), "qwen171M": (32, 24.6)}
+# (micro-batch, peak GiB allocated) measured on one H100 80 GB with the default kernels (qwen171M: before the
+# cross-entropy kernel, which adds [micro-batch x 1024, vocab] bf16, 3.1 GiB at 32) (bench/NOTES.md)
 MEMORY_HEADROOM = 0.9  # fraction of the GPU's memory the default micro-batch may plan to use
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",  # --attention: SDPBackend
                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
@@ -70,10 +71,13 @@ def build_arg_parser():
     # data and batch (flag names of the paper's released trainer)
     a("--data_dir", default="data/fineweb10B", help="folder of fineweb_val_*.bin / fineweb_train_*.bin shards")
     a("--batch_size", type=int, default=512, help="global batch, in sequences per optimizer step")
-    a("--device_batch_size", type=int, default=64, help="sequences per forward pass on one device (paper's meaning)")
+    a("--device_batch_size", type=int, default=64,
+      help="the paper's sequences per forward pass on one device: --batch_size must be a multiple of it x the "
+           "processes; the micro-batch where memory does not choose it")
     a("--micro_batch_size", type=int, default=0,
-      help="sequences per forward pass, to save memory; does not change the math. 0 = on CUDA the largest that "
-           "fits this GPU by the preset's measured peak memory (see default_micro_batch), else device_batch_size")
+      help="sequences per forward pass; does not change the math. 0 = on CUDA the largest that fits this GPU by "
+           "the preset's measured peak memory, up to one process's share of --batch_size (see "
+           "default_micro_batch), else --device_batch_size")
     a("--sequence_length", type=int, default=1024, help="tokens per sequence")
     a("--num_iterations", type=int, default=20000, help="optimizer steps T")
     a("--warmup_ratio", type=float, default=0.01, help="fraction of T with linear LR warmup")
@@ -117,10 +121,10 @@ def build_arg_parser():
     a("--qk_backend", choices=["auto", "torch", "triton"], default="auto",
       help="attention's QK RMSNorm + RoPE: one fused Triton kernel (fp32 math, forward and backward) or "
            "plain torch ops; auto = triton on CUDA")
-    a("--ce_backend", choices=["torch", "triton"], default="torch",
+    a("--ce_backend", choices=["auto", "torch", "triton"], default="auto",
       help="lm_head cross-entropy in training: torch = F.cross_entropy; triton = the loss and its gradient in "
-           "one Triton pass over the logits (fp32 math), the backward only matmuls (2%% faster at 127M, "
-           "+6 GiB; not yet checked over a training run on GPU, so off by default)")
+           "one Triton pass over the bf16 logits (fp32 math), the backward only matmuls (2-3%% faster at 127M, "
+           "+6 GiB at micro-batch 64); auto = triton on CUDA unless --loss_chunk or --fp8 all")
     # run
     a("--seed", type=int, default=0, help="seed of the initialisation")
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
@@ -169,28 +173,34 @@ def resolve_config(argv=None):
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.micro_batch_size == 0:
-        args.micro_batch_size = default_micro_batch(args.model, args.device, args.device_batch_size)
+        rank_batch = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
+        args.micro_batch_size = default_micro_batch(args.model, args.device, args.device_batch_size, rank_batch)
     if args.run_name is None and args.resume is None:
         args.run_name = default_run_name(args)
-    for backend in ("ns_backend", "qk_backend"):
+    if args.ce_backend == "auto" and (args.loss_chunk or FP8_SCOPES[args.fp8][0]):
+        args.ce_backend = "torch"  # both compute the loss their own way
+    for backend in ("ns_backend", "qk_backend", "ce_backend"):
         if getattr(args, backend) == "auto":
             setattr(args, backend, "triton" if (args.device == "cuda" and triton is not None) else "torch")
     validate_flags(args)
     return args
 
 
-def default_micro_batch(model, device, device_batch_size, gpu_gib=None):
-    """On CUDA: the preset's measured micro-batch, doubled while twice its peak (an upper bound, as only the
-    activations grow) fits MEMORY_HEADROOM of the GPU, as a divisor of device_batch_size. Else
+def default_micro_batch(model, device, device_batch_size, rank_batch, gpu_gib=None):
+    """On CUDA: the preset's measured micro-batch, halved while its peak does not fit MEMORY_HEADROOM of the
+    GPU, or doubled while twice its peak (an upper bound, as only the activations grow) fits it, as a divisor
+    of rank_batch (one process's share of the global batch; the micro-batch does not change the math). Else
     device_batch_size. gpu_gib: the GPU's memory (default: GPU 0's)."""
     if device != "cuda" or model not in MICRO_BATCH_PEAK:
         return device_batch_size
     if gpu_gib is None:
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
     micro, peak = MICRO_BATCH_PEAK[model]
-    while 2 * peak <= MEMORY_HEADROOM * gpu_gib and 2 * micro <= device_batch_size:
+    while peak > MEMORY_HEADROOM * gpu_gib and micro > 1:  # a smaller GPU than the measurement's
+        micro, peak = micro // 2, peak / 2
+    while 2 * peak <= MEMORY_HEADROOM * gpu_gib and 2 * micro <= rank_batch:
         micro, peak = 2 * micro, 2 * peak
-    return math.gcd(micro, device_batch_size)
+    return math.gcd(micro, rank_batch)
 
 
 def default_run_name(args):
@@ -210,9 +220,9 @@ def validate_flags(args, world_size=1):
     need(args.batch_size % (args.device_batch_size * world_size) == 0,
          f"--batch_size {args.batch_size} must be a multiple of --device_batch_size {args.device_batch_size} "
          f"x {world_size} processes: change one of them")
-    need(args.device_batch_size % args.micro_batch_size == 0,
-         f"--device_batch_size {args.device_batch_size} must be a multiple of --micro_batch_size "
-         f"{args.micro_batch_size}")
+    need((args.batch_size // world_size) % args.micro_batch_size == 0,
+         f"--micro_batch_size {args.micro_batch_size} must divide each process's share of the global batch "
+         f"(--batch_size {args.batch_size} / {world_size} processes)")
     need(args.model_dim % args.n_head == 0 and (args.model_dim // args.n_head) % 2 == 0,
          f"--model_dim {args.model_dim} must split into --n_head {args.n_head} heads of even size")
     need(args.n_kv_head > 0 and args.n_head % args.n_kv_head == 0,

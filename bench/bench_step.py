@@ -29,7 +29,7 @@ import train_gpt as tg  # noqa: E402
 
 PRESETS = ("127M", "601M", "1.1B")
 H100_GIB = 79.6  # total memory of an H100 80GB HBM3, for --dry_run
-DEVICE_BATCH = tg.build_arg_parser().get_default("device_batch_size")
+DEVICE_BATCH, GLOBAL_BATCH = (tg.build_arg_parser().get_default(f) for f in ("device_batch_size", "batch_size"))
 P_OF = {"muon": 0.0, "dynmuon": -0.25}
 FLOPS_FORMULA = ("FLOPs/step = 6*N*tokens + 12*n_layer*d*seq_len*tokens "
                  "(N = parameters without the embedding, lm_head included)")
@@ -163,13 +163,13 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed steps per config (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, Triton JIT)")
     ap.add_argument("--micro_batch_size", type=int, default=0,
-                    help="0: the trainer's default for this GPU at its default --device_batch_size "
+                    help="0: the trainer's default for this GPU and number of processes "
                          "(--dry_run: for an H100)")
     ap.add_argument("--ns_backend", choices=["triton", "torch"], default="triton", help="kernels of the step timing")
     ap.add_argument("--qk_backend", choices=["triton", "torch"], default="triton",
                     help="train_gpt.py --qk_backend (QK-norm + RoPE kernel)")
-    ap.add_argument("--ce_backend", choices=["torch", "triton"], default="torch",
-                    help="train_gpt.py --ce_backend (cross-entropy kernel)")
+    ap.add_argument("--ce_backend", choices=["auto", "torch", "triton"], default="auto",
+                    help="train_gpt.py --ce_backend (cross-entropy kernel; auto: the trainer's choice)")
     ap.add_argument("--no_compile", action="store_true", help="time the eager model")
     ap.add_argument("--loss_chunk", type=int, default=0, help="train_gpt.py --loss_chunk (0: full fp32 logits)")
     ap.add_argument("--attention", choices=list(tg.SDPA_BACKENDS), default="auto",
@@ -203,7 +203,8 @@ def main():
             f"bf16 matmul 8192^3: {peak_tflops:.1f} TFLOP/s (MFU reference)")
     rows = []
     for model in models:
-        mb = a.micro_batch_size or tg.default_micro_batch(model, "cuda", DEVICE_BATCH, H100_GIB if a.dry_run else None)
+        mb = a.micro_batch_size or tg.default_micro_batch(model, "cuda", DEVICE_BATCH, GLOBAL_BATCH // world,
+                                                          H100_GIB if a.dry_run else None)
         for opt in optims:
             args = config(model, opt, mb, world, device, ns_backend, a.no_compile,
                           ["--loss_chunk", str(a.loss_chunk), "--attention", a.attention, "--fp8", a.fp8,
@@ -234,13 +235,13 @@ def main():
                 ref["dynmuon"] / ref["muon"]
     if a.json and rank == 0:
         meta = dict(device=None if a.dry_run else torch.cuda.get_device_name(), world=world, torch=torch.__version__,
-                    matmul_tflops=peak_tflops, ns_backend=a.ns_backend, qk_backend=a.qk_backend,
-                    ce_backend=a.ce_backend, compile=not a.no_compile, steps=a.steps,
+                    matmul_tflops=peak_tflops, ns_backend=args.ns_backend, qk_backend=args.qk_backend,
+                    ce_backend=args.ce_backend, compile=not a.no_compile, steps=a.steps,
                     warmup=a.warmup, p_schedule="dynmuon fixed p=-0.25, muon p=0", flops_formula=FLOPS_FORMULA,
                     loss_chunk=a.loss_chunk, attention=a.attention, fp8=a.fp8)
         Path(a.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     say(f"\nglobal batch 512x1024, {a.steps} timed steps (median) after {a.warmup} warm-up, "
-        f"NS backend {a.ns_backend}, QK backend {a.qk_backend}, CE backend {a.ce_backend}, "
+        f"NS backend {args.ns_backend}, QK backend {args.qk_backend}, CE backend {args.ce_backend}, "
         f"{'eager' if a.no_compile else 'torch.compile'}, loss_chunk {a.loss_chunk}, attention {a.attention}, "
         f"fp8 {a.fp8}; {FLOPS_FORMULA}")
     say(format_table(rows))

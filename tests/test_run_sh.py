@@ -97,7 +97,7 @@ def test_every_listed_command_parses_with_the_trainer(name):
         train_gpt.validate_flags(args, world_size=8)  # presets, batch divisibility
         assert args.batch_size == 512 and args.sequence_length == 1024 and args.device_batch_size == 64
         assert args.batch_size % (args.device_batch_size * 8) == 0
-        assert args.device_batch_size % args.micro_batch_size == 0
+        assert (args.batch_size // 8) % args.micro_batch_size == 0
     if skipped:
         pytest.skip(f"{skipped} qwen171M run(s) not parsed: the trainer does not accept --arch qwen "
                     f"--model qwen171M yet")
@@ -127,7 +127,7 @@ def test_main_table():
         assert flag(line, "--data_dir") == ("data/fineweb100B" if long_run else "data/fineweb10B")
         assert "--micro_batch_size" not in line  # the trainer's per-preset default
         micro = train_gpt.default_micro_batch(flag(line, "--model"), "cuda", int(flag(line, "--device_batch_size")),
-                                              gpu_gib=79.6)  # an H100
+                                              int(flag(line, "--batch_size")), gpu_gib=79.6)  # an H100
         assert micro == {"127M": 64, "601M": 32, "1.1B": 16}[flag(line, "--model")]
         assert ("--dynmuon_tau" in line) == (flag(line, "--optimizer") == "dynmuon")
     assert sum("--optimizer adamw" in l for l in lines) == 6
