@@ -57,13 +57,12 @@ H100, H200 = 79.6, 140.4  # GiB
     ("127M", "cuda", 512, H100, 64), ("601M", "cuda", 512, H100, 32), ("1.1B", "cuda", 512, H100, 16),
     ("qwen171M", "cuda", 512, H100, 64), ("127M", "cuda", 512, H200, 128), ("127M", "cuda", 64, H200, 64),
     ("601M", "cuda", 512, H200, 64), ("1.1B", "cuda", 512, H200, 32), ("1.1B", "cuda", 24, H200, 8),
-    ("601M", "cuda", 8, H100, 8), ("1.1B", "cuda", 64, 40.0, 8), ("601M", "cuda", 512, 40.0, 16), ("tiny", "cuda", 512, H100, 12),
-    ("601M", "cpu", 512, None, 12)])
+    ("601M", "cuda", 8, H100, 8), ("1.1B", "cuda", 64, 40.0, 8), ("601M", "cuda", 512, 40.0, 16),
+    ("tiny", "cuda", 512, H100, 12), ("601M", "cpu", 512, None, 12)])
 def test_default_micro_batch_fits_the_gpu_and_divides_the_rank_batch(model, device, rank_batch, gpu_gib, expected):
     """From the measured (micro-batch, peak): halved while peak > 90% of the GPU's memory (40 GiB rows), doubled
-    while 2 x peak <= 90% of it, capped to a
-    divisor of this process's share of the global batch; --device_batch_size (12 here) where memory does not
-    decide (CPU, unmeasured presets)."""
+    while 2 x peak <= 90% of it, capped to a divisor of this process's share of the global batch;
+    --device_batch_size (12 here) where memory does not decide (CPU, unmeasured presets)."""
     assert tg.default_micro_batch(model, device, 12, rank_batch, gpu_gib) == expected
 
 
