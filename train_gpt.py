@@ -373,8 +373,9 @@ def spectral_transform(U, p, spectral="taylor", fused=False):
 #   _update_kernel: Out = s (a X + B X), a batched matmul with the a X and per-matrix scale fused.
 # With bf16 outputs the epilogues round each op like eager torch bf16 does, so both paths agree.
 # Also the attention's RMS QK-norm + RoPE (--qk_backend triton): _qk_norm_rope_kernel, forward or backward in
-# fp32 per head row, reads q and k in place from the qkv projection; and the loss (--ce_backend triton):
-# _cross_entropy_kernel, per row of logits the fp32 cross-entropy and its gradient, in one pass over the logits.
+# fp32 per head row of q or k (v: a copy), reads them in place from the qkv projection and writes its gradient
+# in place; and the loss (--ce_backend triton): _cross_entropy_kernel, per row of logits the fp32
+# cross-entropy and its gradient, in one pass over the logits.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_BLOCKS = (32, 64, 4, 1) if TRITON_INTERPRET else (128, 64, 8, 3)  # BLOCK_MN, BLOCK_K, warps, stages
 QK_ROWS_PER_PROGRAM = 4 if TRITON_INTERPRET else 64  # head rows per program of _qk_norm_rope_kernel
@@ -471,35 +472,40 @@ if triton is not None:
         tl.store(Out + rm[:, None] * som + rn[None, :] * son, val, mask=mask)
 
     @triton.jit
-    def _qk_norm_rope_kernel(X, G, Cos, Sin, Out, n_rows, heads, seq_len, sx_tok, s_qk, eps,
-                             BACKWARD: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                             BR: tl.constexpr, EMU: tl.constexpr):
-        rows = tl.program_id(0) * BR + tl.arange(0, BR)  # row = token * 2 heads + (0 for q, 1 for k) * heads + head
+    def _qk_norm_rope_kernel(X, G, Cos, Sin, Out, n_rows, heads, seq_len, sx_tok, sg_tok, so_tok, eps,
+                             BACKWARD: tl.constexpr, NORM_ROPE: tl.constexpr, HALF: tl.constexpr,
+                             HALF_P2: tl.constexpr, BR: tl.constexpr, EMU: tl.constexpr):
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)  # row = token * heads + head; X, G, Out: token stride s*_tok
         cols = tl.arange(0, HALF_P2)
         mask = (rows < n_rows)[:, None] & (cols < HALF)[None, :]
-        tok, j = rows // (2 * heads), rows % (2 * heads)
-        px = X + (tok.to(tl.int64) * sx_tok + j * 2 * HALF)[:, None] + cols[None, :]
-        x1 = tl.load(px, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(px + HALF, mask=mask, other=0.0).to(tl.float32)
-        r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-        n1, n2 = x1 * r, x2 * r
-        pcs = ((tok % seq_len) * HALF)[:, None] + cols[None, :]
-        c = tl.load(Cos + pcs, mask=mask, other=0.0)
-        s = tl.load(Sin + pcs, mask=mask, other=0.0)
-        qk_offset = (j // heads).to(tl.int64) * s_qk + (tok.to(tl.int64) * heads + j % heads) * 2 * HALF
-        if BACKWARD:  # G: gradient of the output; Out: gradient of X, laid out as a contiguous X
-            pg = G + qk_offset[:, None] + cols[None, :]
-            g1 = tl.load(pg, mask=mask, other=0.0).to(tl.float32)
-            g2 = tl.load(pg + HALF, mask=mask, other=0.0).to(tl.float32)
-            gn1, gn2 = g1 * c + g2 * s, g2 * c - g1 * s  # rotated back
-            dot = ((tl.sum(gn1 * n1, 1) + tl.sum(gn2 * n2, 1)) / (2 * HALF))[:, None]
-            y1, y2 = r * (gn1 - n1 * dot), r * (gn2 - n2 * dot)
-            po = Out + (rows.to(tl.int64) * 2 * HALF)[:, None] + cols[None, :]
-        else:  # Out [2, tokens, heads, head_dim]: q, then k
-            y1, y2 = n1 * c - n2 * s, n1 * s + n2 * c
-            po = Out + qk_offset[:, None] + cols[None, :]
-        tl.store(po, _cast(y1, Out.dtype.element_ty, EMU), mask=mask)
-        tl.store(po + HALF, _cast(y2, Out.dtype.element_ty, EMU), mask=mask)
+        tok = (rows // heads).to(tl.int64)
+        in_row = ((rows % heads) * 2 * HALF)[:, None] + cols[None, :]
+        px = X + (tok * sx_tok)[:, None] + in_row
+        pg = G + (tok * sg_tok)[:, None] + in_row
+        if not NORM_ROPE:  # v: the output is X, its gradient is G
+            src = pg if BACKWARD else px
+            y1 = tl.load(src, mask=mask)
+            y2 = tl.load(src + HALF, mask=mask)
+        else:
+            x1 = tl.load(px, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(px + HALF, mask=mask, other=0.0).to(tl.float32)
+            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+            n1, n2 = x1 * r, x2 * r
+            pcs = ((tok % seq_len) * HALF)[:, None] + cols[None, :]
+            c = tl.load(Cos + pcs, mask=mask, other=0.0)
+            s = tl.load(Sin + pcs, mask=mask, other=0.0)
+            if BACKWARD:  # G: gradient of the output; Out: gradient of X
+                g1 = tl.load(pg, mask=mask, other=0.0).to(tl.float32)
+                g2 = tl.load(pg + HALF, mask=mask, other=0.0).to(tl.float32)
+                gn1, gn2 = g1 * c + g2 * s, g2 * c - g1 * s  # rotated back
+                dot = ((tl.sum(gn1 * n1, 1) + tl.sum(gn2 * n2, 1)) / (2 * HALF))[:, None]
+                y1, y2 = r * (gn1 - n1 * dot), r * (gn2 - n2 * dot)
+            else:
+                y1, y2 = n1 * c - n2 * s, n1 * s + n2 * c
+            y1, y2 = _cast(y1, Out.dtype.element_ty, EMU), _cast(y2, Out.dtype.element_ty, EMU)
+        po = Out + (tok * so_tok)[:, None] + in_row
+        tl.store(po, y1, mask=mask)
+        tl.store(po + HALF, y2, mask=mask)
 
     @triton.jit
     def _cross_entropy_kernel(Logits, Targets, Loss, Grad, V, s_logits, s_grad, inv_n,
@@ -586,58 +592,75 @@ def ns_update(B, X, a, scale=None, out=None, out_dtype=None, torch_rounding=True
     return out
 
 
-def _qk_norm_rope(qk, grad, cos, sin):
-    """Launches _qk_norm_rope_kernel: forward (grad None) or backward. qk [B, T, 2, H, hd] may be a view of
-    the [B, T, 3, H, hd] qkv projection; returns [2, B, T, H, hd] (forward) or a contiguous [B, T, 2, H, hd]."""
-    emu = _triton_args(qk)["EMU"]
-    B, T, _, H, hd = qk.shape
-    if qk.stride()[1:] != (qk.stride(1), H * hd, hd, 1) or qk.stride(0) != T * qk.stride(1):
-        qk = qk.contiguous()
+def _head_rows(t):
+    """t [B, T, H, hd] and its token stride, copied to contiguous unless head h of token n already lies at
+    n * stride + h * hd (as in a slot of the qkv projection, or in SDPA's gradients)."""
+    B, T, H, hd = t.shape
+    if t.stride()[2:] == (hd, 1) and (B == 1 or T == 1 or t.stride(0) == T * t.stride(1)):
+        return t, t.stride(1) if T > 1 else t.stride(0)
+    return t.contiguous(), H * hd
+
+
+def _qkv_rows(x, grad, cos, sin, out=None, norm_rope=True):
+    """Launches _qk_norm_rope_kernel on one slot of qkv (x [B, T, H, hd]): the forward rope(rms_norm(x)) (grad
+    None) or the gradient of x for the output's gradient `grad`; norm_rope False (v): a copy of x or of grad.
+    out: where to write (same layout rules as x), by default a new contiguous tensor."""
+    emu = _triton_args(x)["EMU"]
+    B, T, H, hd = x.shape
+    x, sx_tok = _head_rows(x)
     backward = grad is not None
-    out = torch.empty(qk.shape if backward else (2, B, T, H, hd), dtype=qk.dtype, device=qk.device)
-    rows = B * T * 2 * H
-    block_rows = QK_ROWS_PER_PROGRAM
+    grad, sg_tok = _head_rows(grad) if backward else (x, sx_tok)  # the forward reads no gradient
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    out_rows, so_tok = _head_rows(out)
+    rows, block_rows = B * T * H, QK_ROWS_PER_PROGRAM
     _qk_norm_rope_kernel[(triton.cdiv(rows, block_rows),)](
-        qk, grad.contiguous() if backward else qk, cos, sin, out, rows, H, T, qk.stride(1), B * T * H * hd,
-        torch.finfo(qk.dtype).eps, BACKWARD=backward, HALF=hd // 2, HALF_P2=triton.next_power_of_2(hd // 2),
+        x, grad, cos, sin, out_rows, rows, H, T, sx_tok, sg_tok, so_tok, torch.finfo(x.dtype).eps,
+        BACKWARD=backward, NORM_ROPE=norm_rope, HALF=hd // 2, HALF_P2=triton.next_power_of_2(hd // 2),
         BR=block_rows, EMU=emu, num_warps=4)
+    if out_rows is not out:
+        out.copy_(out_rows)
     return out
 
 
-@torch.library.custom_op("dynmuon::qk_norm_rope", mutates_args=())
-def qk_norm_rope_fused(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """rope(rms_norm(q)), rope(rms_norm(k)) in one Triton kernel (fp32 math, F.rms_norm's default eps) for
-    qk [B, T, 2, H, hd] (q and k of the qkv projection); cos, sin: fp32 [>= T, hd/2]. Returns [2, B, T, H, hd]."""
-    return _qk_norm_rope(qk, None, cos, sin)
+@torch.library.custom_op("dynmuon::qkv_norm_rope", mutates_args=())
+def qkv_norm_rope_fused(qkv: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rope(rms_norm(q)), rope(rms_norm(k)) (Triton, fp32 math, F.rms_norm's default eps) and v of the qkv
+    projection [B, T, 3, H, hd], as three contiguous [B, T, H, hd]; cos, sin: fp32 [>= T, hd/2]. Three outputs
+    and one gradient buffer spare autograd a stack of dq, dk and a concatenation with dv (copying v is cheaper)."""
+    return tuple(_qkv_rows(qkv[:, :, slot], None, cos, sin, norm_rope=slot < 2) for slot in range(3))
 
 
-@qk_norm_rope_fused.register_fake
-def _(qk, cos, sin):
-    B, T, _, H, hd = qk.shape
-    return qk.new_empty(2, B, T, H, hd)
+@qkv_norm_rope_fused.register_fake
+def _(qkv, cos, sin):
+    B, T, _, H, hd = qkv.shape
+    return tuple(qkv.new_empty(B, T, H, hd) for _ in range(3))
 
 
-@torch.library.custom_op("dynmuon::qk_norm_rope_backward", mutates_args=())
-def qk_norm_rope_fused_backward(grad: torch.Tensor, qk: torch.Tensor, cos: torch.Tensor,
-                                sin: torch.Tensor) -> torch.Tensor:
-    return _qk_norm_rope(qk, grad, cos, sin)
+@torch.library.custom_op("dynmuon::qkv_norm_rope_backward", mutates_args=())
+def qkv_norm_rope_fused_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor,
+                                 qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    grad = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    for slot, grad_out in enumerate((grad_q, grad_k, grad_v)):
+        _qkv_rows(qkv[:, :, slot], grad_out, cos, sin, out=grad[:, :, slot], norm_rope=slot < 2)
+    return grad
 
 
-@qk_norm_rope_fused_backward.register_fake
-def _(grad, qk, cos, sin):
-    return torch.empty_like(qk, memory_format=torch.contiguous_format)
+@qkv_norm_rope_fused_backward.register_fake
+def _(grad_q, grad_k, grad_v, qkv, cos, sin):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
-def _qk_norm_rope_setup(ctx, inputs, output):
+def _qkv_norm_rope_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _qk_norm_rope_grad(ctx, grad):
-    qk, cos, sin = ctx.saved_tensors
-    return qk_norm_rope_fused_backward(grad, qk, cos, sin), None, None
+def _qkv_norm_rope_grad(ctx, grad_q, grad_k, grad_v):
+    qkv, cos, sin = ctx.saved_tensors
+    return qkv_norm_rope_fused_backward(grad_q, grad_k, grad_v, qkv, cos, sin), None, None
 
 
-qk_norm_rope_fused.register_autograd(_qk_norm_rope_grad, setup_context=_qk_norm_rope_setup)
+qkv_norm_rope_fused.register_autograd(_qkv_norm_rope_grad, setup_context=_qkv_norm_rope_setup)
 
 
 @torch.library.custom_op("dynmuon::cross_entropy_with_grad", mutates_args=())
@@ -859,7 +882,7 @@ class Rotary(nn.Module):
 
 class CausalSelfAttention(nn.Module):
     """GPT attention: q, k, v, o of d x d, RMS QK-norm, RoPE, causal SDPA. qk_fused: the norm and RoPE of
-    q and k in one Triton kernel (qk_norm_rope_fused) instead of torch ops."""
+    q and k by a Triton kernel (qkv_norm_rope_fused) instead of torch ops."""
 
     def __init__(self, dim, n_head, max_len, rope_base, linear, qk_fused):
         super().__init__()
@@ -872,10 +895,9 @@ class CausalSelfAttention(nn.Module):
         B, T, D = x.shape
         qkv = self.linear(x, self.qkv.flatten(0, 1)).view(B, T, 3, self.n_head, D // self.n_head)
         if self.qk_fused:
-            q, k = qk_norm_rope_fused(qkv[:, :, :2], self.rotary.cos, self.rotary.sin).unbind(0)
+            q, k, v = qkv_norm_rope_fused(qkv, self.rotary.cos, self.rotary.sin)
         else:
-            q, k = self.rotary(rms_norm(qkv[:, :, 0])), self.rotary(rms_norm(qkv[:, :, 1]))
-        v = qkv[:, :, 2]
+            q, k, v = self.rotary(rms_norm(qkv[:, :, 0])), self.rotary(rms_norm(qkv[:, :, 1])), qkv[:, :, 2]
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
 

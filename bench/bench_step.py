@@ -123,14 +123,14 @@ def step_bench(args, steps, warmup, world, local, say, profile_rows=0):
 
 
 def profile_step(step, rows):
-    """The `rows` GPU kernels of most total time in one call of step(), as torch.profiler's table."""
+    """The `rows` ops and kernels of most self GPU time in one call of step(), as torch.profiler's table."""
     from torch.profiler import ProfilerActivity, profile
     gpu = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
         step()
         if gpu:
             torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
 
 
 def free():

@@ -22,9 +22,9 @@ def qkv_and_rotary(shape, dtype, seed=0):
 
 
 def reference64(qkv, rotary, eps):
-    """rope(rms_norm(q)), rope(rms_norm(k)) in float64 with the eps the model's F.rms_norm uses for qkv's dtype."""
+    """rope(rms_norm(q)), rope(rms_norm(k)), v in float64 with the eps the model's F.rms_norm uses for qkv's dtype."""
     x, rot64 = qkv.double(), tg.Rotary(qkv.size(-1), rotary.cos.size(0), 10000.0).to(DEV).double()
-    return torch.stack([rot64(F.rms_norm(x[:, :, s], (x.size(-1),), eps=eps)) for s in (0, 1)])
+    return torch.stack([rot64(F.rms_norm(x[:, :, s], (x.size(-1),), eps=eps)) for s in (0, 1)] + [x[:, :, 2]])
 
 
 def forward_and_grad(fn, qkv, grad_out):
@@ -34,11 +34,11 @@ def forward_and_grad(fn, qkv, grad_out):
 
 
 def fused(rotary):
-    return lambda qkv: tg.qk_norm_rope_fused(qkv[:, :, :2], rotary.cos, rotary.sin)
+    return lambda qkv: torch.stack(tg.qkv_norm_rope_fused(qkv, rotary.cos, rotary.sin))
 
 
 def plain(rotary):
-    return lambda qkv: torch.stack([rotary(tg.rms_norm(qkv[:, :, s])) for s in (0, 1)])
+    return lambda qkv: torch.stack([rotary(tg.rms_norm(qkv[:, :, s])) for s in (0, 1)] + [qkv[:, :, 2]])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -51,7 +51,7 @@ def test_forward_and_backward_match_float64(shape, dtype):
     ref_grad = torch.autograd.grad(ref, x64, grad_out)[0]
     out, grad = forward_and_grad(fused(rotary), qkv, grad_out)
     assert out.shape == ref.shape and out.dtype == dtype and grad.shape == qkv.shape
-    assert torch.equal(grad[:, :, 2], torch.zeros_like(grad[:, :, 2]))  # v takes no part
+    assert torch.equal(out[2], qkv[:, :, 2]) and torch.equal(grad[:, :, 2], grad_out[2].to(dtype))  # v: a copy
     # fp32 math, one rounding to dtype at the end: at most half a unit in the last place, plus fp32 noise
     half_ulp = torch.finfo(dtype).eps / 2
     for got, want in ((out, ref.detach()), (grad, ref_grad)):
@@ -68,20 +68,29 @@ def test_bf16_kernel_is_closer_to_float64_than_the_torch_path():
     errors = {}
     for name, fn in (("fused", fused(rotary)), ("torch", plain(rotary))):
         out, grad = forward_and_grad(fn, qkv, grad_out)
-        errors[name] = ((out.double() - ref).norm() / ref.norm(), (grad.double() - ref_grad).norm() / ref_grad.norm())
+        qk = slice(0, 2)  # v is exact on both paths
+        errors[name] = ((out[qk].double() - ref[qk]).norm() / ref[qk].norm(),
+                        (grad[:, :, qk].double() - ref_grad[:, :, qk]).norm() / ref_grad[:, :, qk].norm())
     for fused_err, torch_err in zip(errors["fused"], errors["torch"]):
         assert fused_err < torch_err < 2e-2
 
 
-def test_strided_and_contiguous_inputs_agree():
-    qkv, rotary = qkv_and_rotary((2, 6, 3, 8), torch.float32)
-    qk_view = qkv[:, :, :2]  # a view: the token stride is 3 heads-blocks wide
-    assert not qk_view.is_contiguous()
-    out_view = tg.qk_norm_rope_fused(qk_view, rotary.cos, rotary.sin)
-    out_copy = tg.qk_norm_rope_fused(qk_view.contiguous(), rotary.cos, rotary.sin)
-    transposed = qk_view.transpose(0, 1).contiguous().transpose(0, 1)  # batch stride below the token stride
-    out_transposed = tg.qk_norm_rope_fused(transposed, rotary.cos, rotary.sin)
-    assert torch.equal(out_view, out_copy) and torch.equal(out_view, out_transposed)
+@pytest.mark.parametrize("shape", [(2, 6, 3, 8), (3, 1, 2, 4)])  # (3, 1, ...): the token stride is the batch's
+def test_strided_inputs_and_gradients_agree_with_contiguous_ones(shape):
+    qkv, rotary = qkv_and_rotary(shape, torch.float32)
+    grads = torch.randn(3, *qkv[:, :, 0].shape, generator=torch.Generator().manual_seed(4)).to(DEV).unbind(0)
+
+    def run(x, grads):
+        x = x.detach().requires_grad_(True)
+        outs = tg.qkv_norm_rope_fused(x, rotary.cos, rotary.sin)
+        assert all(o.is_contiguous() for o in outs)
+        return torch.stack(outs), torch.autograd.grad(outs, x, grads)[0]
+
+    want = run(qkv, grads)
+    batch_inner = qkv.transpose(0, 1).contiguous().transpose(0, 1)  # batch stride below the token stride
+    heads_outer = [g.transpose(1, 2).contiguous().transpose(1, 2) for g in grads]  # SDPA's [B, H, T, hd] layout
+    for got in (run(batch_inner, grads), run(qkv, heads_outer), run(batch_inner, heads_outer)):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 # cross-entropy: (rows, vocab) with a single row, a vocabulary that is not a multiple of the block, and several blocks
@@ -125,7 +134,7 @@ def test_fused_linear_cross_entropy_matches_the_torch_loss(dtype):
 
 
 def tiny_model(backend):
-    args = tg.resolve_config(["--model", "tiny", "--vocab_size", "300", "--device", "cpu", "--qk_backend", backend,
+    args = tg.resolve_config(["--model", "tiny", "--vocab_size", "300", "--device", DEV, "--qk_backend", backend,
                               "--ce_backend", backend, "--run_name", "t"])
     torch.manual_seed(0)
     return tg.build_model(args, DEV)
