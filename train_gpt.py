@@ -44,10 +44,9 @@ ARCH_DEFAULTS = {  # n_kv_head (None: = n_head), mlp_hidden (None: 4d), rope_bas
     "gpt": (None, None, 10000.0),
     "qwen": (2, 2816, 1e6),
 }
-MICRO_BATCH_PEAK = {"127M": (64, 44.4), "601M": (32, 52.2), "1.1B": (16, 44.5), "qwen171M": (32, 24.6)}
+MICRO_BATCH_PEAK = {"127M": (64, 45.9), "601M": (32, 54.1), "1.1B": (16, 45.9), "qwen171M": (32, 24.6)}
 # (micro-batch, peak GiB allocated) measured on one H100 80 GB with the default kernels (qwen171M: before the
-# cross-entropy kernel, which adds [micro-batch x 1024, vocab] bf16, 3.1 GiB at 32; GPT presets: before the QK
-# kernel kept a copy of v per layer, +3.5% at 127M on an H200) (bench/NOTES.md)
+# cross-entropy kernel, which adds [micro-batch x 1024, vocab] bf16, 3.1 GiB at 32) (bench/NOTES.md)
 MEMORY_HEADROOM = 0.9  # fraction of the GPU's memory the default micro-batch may plan to use
 SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",  # --attention: SDPBackend
                  "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
