@@ -123,7 +123,7 @@ def build_arg_parser():
            "plain torch ops; auto = triton on CUDA")
     a("--ce_backend", choices=["auto", "torch", "triton"], default="auto",
       help="lm_head cross-entropy in training: torch = F.cross_entropy; triton = the loss and its gradient in "
-           "one Triton pass over the bf16 logits (fp32 math), the backward only matmuls (2-3%% faster at 127M, "
+           "one Triton kernel over the bf16 logits (fp32 math), the backward only matmuls (2-3%% faster at 127M, "
            "+6 GiB at micro-batch 64); auto = triton on CUDA unless --loss_chunk or --fp8 all")
     # run
     a("--seed", type=int, default=0, help="seed of the initialisation")
@@ -375,7 +375,7 @@ def spectral_transform(U, p, spectral="taylor", fused=False):
 # Also the attention's RMS QK-norm + RoPE (--qk_backend triton): _qk_norm_rope_kernel, forward or backward in
 # fp32 per head row of q or k (v: a copy), reads them in place from the qkv projection and writes its gradient
 # in place; and the loss (--ce_backend triton): _cross_entropy_kernel, per row of logits the fp32
-# cross-entropy and its gradient, in one pass over the logits.
+# cross-entropy and its gradient in one kernel (two passes over each row: online logsumexp, then the gradient).
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_BLOCKS = (32, 64, 4, 1) if TRITON_INTERPRET else (128, 64, 8, 3)  # BLOCK_MN, BLOCK_K, warps, stages
 QK_ROWS_PER_PROGRAM = 4 if TRITON_INTERPRET else 64  # head rows per program of _qk_norm_rope_kernel
@@ -1018,7 +1018,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits h W^T (F.linear, so bf16 under autocast; fp32 softmax). One Triton kernel
-    (cross_entropy_with_grad) reads the logits once for the loss and d(loss)/d(logits); the backward is two
+    (cross_entropy_with_grad) gives the loss and d(loss)/d(logits) without fp32 logits; the backward is two
     matmuls, scaled by the incoming gradient at their small outputs. Costs one more [N, V] buffer at the end
     of the forward than F.cross_entropy (+6 GiB at 127M, micro-batch 64)."""
 
