@@ -1359,8 +1359,9 @@ def check_resume_compatible(args, meta):
 
 
 def refuse_clobber(args, resuming):
-    """A fresh run never overwrites another run's logs or checkpoints."""
-    if resuming:
+    """A fresh run never overwrites another run's logs or checkpoints. --resume auto with no usable checkpoint
+    starts again: an earlier attempt that stopped before its first checkpoint left only logs (set aside later)."""
+    if resuming or args.resume == "auto":
         return
     txt = Path(args.log_dir) / f"{args.run_name}.txt"
     if txt.exists():
@@ -1370,8 +1371,23 @@ def refuse_clobber(args, resuming):
                           f"that run, or another --checkpoint_dir")
 
 
-# -----------------------------------------------------------------------------
-# Training loop
+def set_aside_earlier_attempt(args, say):
+    """--resume auto found no checkpoint, so this run starts at step 0: the logs of an earlier attempt under the
+    same name (it stopped before its first checkpoint) are renamed <run>.attemptN.*, never overwritten."""
+    log_dir = Path(args.log_dir)
+    logs = [log_dir / f"{args.run_name}{ext}" for ext in (".txt", ".jsonl")]
+    if not any(p.exists() for p in logs):
+        return
+    n = 1
+    while any(p.with_suffix(f".attempt{n}{p.suffix}").exists() for p in logs):
+        n += 1
+    for p in logs:
+        if p.exists():
+            p.rename(p.with_suffix(f".attempt{n}{p.suffix}"))
+    say(f"no checkpoint to resume in {args.checkpoint_dir}: starting at step 0; the earlier attempt's logs are now "
+        f"{logs[0].with_suffix(f'.attempt{n}.txt')} (and .jsonl)")
+
+
 
 class TrainingError(Exception):
     """The run cannot go on (e.g. a non-finite loss); the message names the step and the last checkpoint."""
@@ -1485,8 +1501,10 @@ def resolve_target(args):
     if args.record is None:
         return args.target_loss
     import importlib.util
-    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parent / "records" / "compare.py")
+    name = "dynmuon_records_compare"
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "records" / "compare.py")
     compare = importlib.util.module_from_spec(spec)
+    sys.modules[name] = compare  # its dataclasses look their module up there
     spec.loader.exec_module(compare)
     try:
         ref = compare.resolve_reference(args.record)
@@ -1638,6 +1656,8 @@ def train(args, rank, world, local):
     model = wrap_model(raw_model, args, world, local, compile_model=args.device == "cuda" and not args.no_compile)
     fwd_context = forward_context(args)
 
+    if ckpt_path is None and args.resume == "auto" and rank == 0:
+        set_aside_earlier_attempt(args, say)
     log = RunLog(args, rank, log_offsets)
     if ckpt_path is None:
         log.header(args, environment(args.device, world), n_params)

@@ -109,7 +109,8 @@ def find_log(path: str | Path) -> Path:
     if p.is_dir():
         txts = sorted(p.glob("*.txt"))
         if len(txts) != 1:
-            raise LogError(f"{p}: expected exactly one .txt log in the folder, found {len(txts)}")
+            listed = f" ({', '.join(t.name for t in txts)}): give one of them as the path" if txts else ""
+            raise LogError(f"{p}: expected exactly one .txt log in the folder, found {len(txts)}{listed}")
         return txts[0]
     if not p.is_file():
         raise LogError(f"{p}: no such file or folder")

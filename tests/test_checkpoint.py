@@ -106,6 +106,23 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_data, r
     assert_same_run(tmp_path / "logs", reference)
 
 
+def test_resume_auto_without_checkpoint_starts_again_and_keeps_earlier_logs(tmp_path, tiny_data, reference):
+    """An attempt that died before its first checkpoint left only logs: rerunning the same command starts at
+    step 0 and renames those logs instead of refusing (or overwriting) them."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "run.txt").write_text("attempt 1 text log\n")
+    (logs / "run.jsonl").write_text('{"attempt": 1}\n')
+    (logs / "run.attempt1.txt").write_text("attempt 0 text log\n")  # an older set-aside log is kept too
+    flags = tiny_flags(tiny_data, logs, checkpoint_dir=tmp_path / "ckpt", checkpoint_freq=4, resume="auto", **RUN)
+    out = run_trainer(flags)
+    assert "no checkpoint to resume" in out.stdout and "run.attempt2.txt" in out.stdout
+    assert (logs / "run.attempt2.txt").read_text() == "attempt 1 text log\n"
+    assert (logs / "run.attempt2.jsonl").read_text() == '{"attempt": 1}\n'
+    assert (logs / "run.attempt1.txt").read_text() == "attempt 0 text log\n"
+    assert_same_run(logs, reference)
+
+
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_data):
     flags = tiny_flags(tiny_data, tmp_path / "logs", checkpoint_dir=tmp_path / "ckpt", checkpoint_freq=1,
                        optimizer="adamw", lr=1e4, scalar_lr=1e4, warmup_ratio=0, **RUN)

@@ -211,7 +211,7 @@ def test_reference_records_dir(tmp_path):
     assert rc == 0 and "2026-01-01_muon_127M" in table(out)[0]
     (d / "other.txt").write_text("")
     rc, _, err = run_cli(mine, "--reference", d)
-    assert rc == 2 and "exactly one .txt" in err
+    assert rc == 2 and "exactly one .txt" in err and "other.txt: give one of them" in err
 
 
 def test_reference_records_json_entries(tmp_path):

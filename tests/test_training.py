@@ -34,6 +34,16 @@ def test_tiny_run_loss_falls_and_logs(tmp_path, tiny_data):
     assert row["best_val_loss"] == pytest.approx(min(v for _, v in vals), abs=1e-4)
 
 
+@pytest.mark.parametrize("record,target", [
+    ("modded_nanogpt_track3", "3.2800"),  # a records.json entry with a published target
+    ("records/2026-11-23_prose127M_200steps/prose127M_muon_200.txt", "4.5824"),  # a log: its 80% val loss
+])
+def test_record_sets_the_target(tmp_path, tiny_data, record, target):
+    logs = tmp_path / "logs"
+    run_trainer(tiny_flags(tiny_data, logs, num_iterations=2, val_loss_every=2, record=record))
+    assert re.search(rf"^target:{target} (reached_at_step:\d+|not_reached)$", (logs / "run.txt").read_text(), re.M)
+
+
 @pytest.mark.parametrize("optimizer", ["dynmuon", "normuon"])
 def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path, tiny_data, optimizer):
     """Global batch of 4: one process runs 2 micro-batches of 2, two ranks run one each.
