@@ -1158,12 +1158,16 @@ def shard_token_count(path):
     return n_tokens
 
 
-def read_shard(path):
-    """The tokens of a validated shard, memory-mapped (uint16)."""
+def read_shard(path, vocab_size=None):
+    """The tokens of a validated shard, memory-mapped (uint16); with vocab_size, every id is checked below it."""
     n_tokens = shard_token_count(path)
     if n_tokens == 0:
         return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+    if vocab_size is not None and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{path}: holds token id {int(tokens.max())}, but --vocab_size is {vocab_size}: the shard "
+                        f"was made with another tokenizer (use GPT-2's) or --vocab_size is too small")
+    return tokens
 
 
 def find_shards(data_dir):
@@ -1187,25 +1191,28 @@ class TrainLoader:
     Every rank walks the same shards in the same order, so the global batch does not depend on the
     number of ranks. state() / load_state() make the position part of a checkpoint."""
 
-    def __init__(self, shards, batch_size, seq_len, rank, world_size, warn=print):
-        self.shards, self.B, self.T = shards, batch_size, seq_len
+    def __init__(self, shards, batch_size, seq_len, rank, world_size, warn=print, vocab_size=None):
+        self.shards, self.B, self.T, self.vocab_size = shards, batch_size, seq_len, vocab_size
         self.rank, self.world, self.warn = rank, world_size, warn
         self.shard_index, self.pos, self.epoch = 0, 0, 0
-        self.tokens = read_shard(shards[0])
+        self.tokens = self._read(0)
+
+    def _read(self, index):
+        return read_shard(self.shards[index], self.vocab_size)
 
     def state(self):
         return dict(shard_index=self.shard_index, pos=self.pos, epoch=self.epoch)
 
     def load_state(self, state):
         self.shard_index, self.pos, self.epoch = state["shard_index"], state["pos"], state["epoch"]
-        self.tokens = read_shard(self.shards[self.shard_index])
+        self.tokens = self._read(self.shard_index)
 
     def _advance_shard(self):
         self.shard_index += 1
         if self.shard_index == len(self.shards):
             self.shard_index, self.epoch = 0, self.epoch + 1
             self.warn(f"warning: training data exhausted, wrapping around to the first shard (epoch {self.epoch})")
-        self.tokens, self.pos = read_shard(self.shards[self.shard_index]), 0
+        self.tokens, self.pos = self._read(self.shard_index), 0
 
     def next_batch(self, micro_batch_size, device):
         """This rank's share of the next global batch, as a list of (x, y) micro-batches."""
@@ -1238,7 +1245,10 @@ def val_batches(val_path, val_tokens, seq_len, micro_batch_size, rank, world_siz
 
 
 def check_data(val_path, train_shards, args, warn):
-    """Before any GPU work: enough val tokens, and how many steps the training data lasts."""
+    """Before any GPU work: enough val tokens, token ids below --vocab_size in the val and first train shard
+    (the loader checks each later shard as it opens it), and how many steps the training data lasts."""
+    for path in (val_path, train_shards[0]):
+        read_shard(path, args.vocab_size)
     n_seq = args.val_tokens // args.sequence_length
     if shard_token_count(val_path) < n_seq * args.sequence_length + 1:
         raise DataError(f"{val_path}: has {shard_token_count(val_path)} tokens, --val_tokens {args.val_tokens} "
@@ -1641,7 +1651,8 @@ def train(args, rank, world, local):
     torch.manual_seed(args.seed)
     raw_model = build_model(args, device)
     opts = build_optimizers(raw_model, args)
-    train_loader = TrainLoader(train_shards, args.batch_size, args.sequence_length, rank, world, warn=say)
+    train_loader = TrainLoader(train_shards, args.batch_size, args.sequence_length, rank, world, warn=say,
+                               vocab_size=args.vocab_size)
     run = dict(step=0, evaluated=False, train_time_ms=0.0, timed_ms=0.0, timed_steps=0, reached_at=None)
     log_offsets = None
     if ckpt_path is not None:

@@ -71,6 +71,20 @@ def test_bad_data_exits_2_before_training(tmp_path, tiny_data, how):
     assert not (tmp_path / "logs").exists()  # nothing written before validation passes
 
 
+def test_token_ids_above_vocab_exit_2_before_training(tmp_path, tiny_data):
+    proc = run_trainer(tiny_flags(tiny_data, tmp_path / "logs", vocab_size=100), check=False)  # ids reach 255
+    assert proc.returncode == 2 and "holds token id 255, but --vocab_size is 100" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and not (tmp_path / "logs").exists()
+
+
+def test_loader_checks_token_ids_of_each_shard_it_opens(tmp_path):
+    shards = make_shards(tmp_path, [40, 40])  # ids 0..79
+    loader = tg.TrainLoader(shards, batch_size=2, seq_len=16, rank=0, world_size=1, vocab_size=60)
+    loader.next_batch(2, "cpu")  # shard 1 (ids < 40) is fine
+    with pytest.raises(tg.DataError, match="fineweb_train_000002.bin: holds token id 79"):
+        loader.next_batch(2, "cpu")
+
+
 def make_shards(tmp_path, sizes):
     paths = []
     start = 0
@@ -88,6 +102,7 @@ def test_loader_ranks_split_one_global_batch(tmp_path):
     for _ in range(5):
         whole = single.next_batch(2, "cpu")
         parts = [b for loader in ranks for b in loader.next_batch(2, "cpu")]
+        assert len(whole) == len(parts)
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole, parts))
     x, y = whole[0]
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
