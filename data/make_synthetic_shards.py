@@ -1,7 +1,7 @@
 """Write synthetic token shards (val + K train shards) in the training shard format.
 
     python data/make_synthetic_shards.py [--out_dir data/tiny_synthetic] [--train_shards 2]
-        [--shard_tokens 1048576] [--val_tokens 262145] [--seed 0]
+        [--shard_tokens 1048576] [--val_tokens 262145] [--seed 0] [--overwrite]
 
 For CPU-only smoke runs and benchmarks, where real FineWeb shards are not available. The tokens
 are learnable: documents (each preceded by EOT 50256, lengths uniform in [--min_doc_len,
@@ -13,6 +13,7 @@ visibly falls. Val and train shards are consecutive pieces of one stream; same s
 """
 
 import argparse
+import glob
 import os
 import sys
 from pathlib import Path
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--branching", type=int, default=4, help="successors per symbol; sets the entropy floor ln(branching) (default 4)")
     p.add_argument("--min_doc_len", type=int, default=64, help="shortest document, in tokens after the EOT (default 64)")
     p.add_argument("--max_doc_len", type=int, default=1024, help="longest document, in tokens after the EOT (default 1024)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete existing PREFIX_*.bin shards in --out_dir first (default: refuse to mix datasets)")
     args = p.parse_args(argv)
     if args.train_shards < 0 or args.shard_tokens < 1 or args.val_tokens < 1:
         p.error("need --train_shards >= 0, --shard_tokens >= 1, --val_tokens >= 1")
@@ -80,6 +83,22 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    old = sorted(glob.glob(os.path.join(args.out_dir, f"{glob.escape(args.prefix)}_*.bin")))
+    if old and not args.overwrite:
+        print(f"error: {args.out_dir} already holds {len(old)} {args.prefix}_*.bin shards; use --overwrite or "
+              "another --out_dir", file=sys.stderr)
+        return 2
+    try:
+        for f in old:
+            os.remove(f)
+        write_shards(args)
+    except OSError as e:
+        print(f"error: cannot write shards to {args.out_dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def write_shards(args):
     os.makedirs(args.out_dir, exist_ok=True)
     stream = markov_stream(args.seed, args.n_symbols, args.branching, args.min_doc_len, args.max_doc_len)
     leftover = np.empty(0, dtype=np.uint16)
@@ -90,7 +109,6 @@ def main(argv=None):
         write_shard(path, toks)
         print(f"wrote {path} ({n:,} tokens)")
     print(f"done: {len(jobs)} shards in {args.out_dir}")
-    return 0
 
 
 if __name__ == "__main__":

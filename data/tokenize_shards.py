@@ -289,6 +289,12 @@ def run(args):
             bar.update(len(batch))
             bar.set_postfix(tokens=f"{n_tokens:,}", shards=len(writer.written))
         writer.flush()
+    except BaseException as e:  # a partial dataset would train without complaint: remove what this run wrote
+        for path, _ in writer.written:
+            os.remove(path)
+        if isinstance(e, DataError) and writer.written:
+            raise DataError(f"{e}; removed the {len(writer.written)} shards written before it") from None
+        raise
     finally:
         bar.close()
         if pool:
@@ -306,7 +312,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted (shards already written are complete; the rest are missing)", file=sys.stderr)
+        print("error: interrupted; the shards written so far were removed", file=sys.stderr)
         return 2
     n_val = sum(n for p, n in written if "_val_" in os.path.basename(p))
     n_train = [n for p, n in written if "_train_" in os.path.basename(p)]

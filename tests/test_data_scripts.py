@@ -1,9 +1,12 @@
 """Tests of the data scripts: data/tokenize_shards.py, data/make_synthetic_shards.py, data/cached_fineweb10B.py.
 
-CPU only, no network: tokenization uses the offline GPT-2 ranks in ../shared/tokenizer, and the
-Hugging Face download is replaced by a fake `huggingface_hub` module.
+CPU only, no network: tokenization uses the offline GPT-2 ranks in ../shared/tokenizer when that
+checkout is present, else a stand-in ranks file of GPT-2's size (every byte, then byte pairs), so
+these tests run on a clean clone too. The Hugging Face download is replaced by a fake
+`huggingface_hub` module.
 """
 
+import base64
 import gzip
 import importlib.util
 import json
@@ -19,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from train_gpt import EOT_TOKEN, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, read_shard, write_shard  # noqa: E402
 
-BPE_FILE = Path(__file__).parents[1] / ".." / "shared" / "tokenizer" / "gpt2.tiktoken"
+SHARED_BPE_FILE = REPO.parent / "shared" / "tokenizer" / "gpt2.tiktoken"
 DATA = REPO / "data"
 
 
@@ -48,15 +51,23 @@ def header(path):
 # ----------------------------------------------------------------------------- tokenize_shards.py
 
 @pytest.fixture(scope="module")
-def bpe():
-    if not BPE_FILE.is_file():
-        pytest.skip(f"offline GPT-2 ranks not found at {BPE_FILE.resolve()} (the shared/ checkout is missing)")
+def bpe_file(tmp_path_factory):
+    """GPT-2's ranks, or a stand-in with as many ranks: the 256 bytes, then byte pairs in order."""
+    if SHARED_BPE_FILE.is_file():
+        return SHARED_BPE_FILE
+    tokens = [bytes([b]) for b in range(256)] + [bytes([a, b]) for a in range(256) for b in range(256)]
+    path = tmp_path_factory.mktemp("bpe") / "standin.tiktoken"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens[:EOT_TOKEN])))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bpe(bpe_file):
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
     tok = load_module("tokenize_shards")
-    enc = tiktoken.Encoding(name="gpt2_test", pat_str=tok.GPT2_PAT_STR, mergeable_ranks=load_tiktoken_bpe(str(BPE_FILE)),
-                            special_tokens={"<|endoftext|>": EOT_TOKEN})
-    return enc
+    return tiktoken.Encoding(name="gpt2_test", pat_str=tok.GPT2_PAT_STR, mergeable_ranks=load_tiktoken_bpe(str(bpe_file)),
+                             special_tokens={"<|endoftext|>": EOT_TOKEN})
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +89,9 @@ def corpus(tmp_path_factory):
     return [jl, txt], docs + [txt_doc]
 
 
-def tokenize(inputs, out_dir, *extra, capsys=None):
+def tokenize(inputs, out_dir, bpe_file, *extra, capsys=None):
     """Runs tokenize_shards.main in-process (a subprocess costs ~3 s of torch import); returns its stdout."""
-    if not BPE_FILE.is_file():
-        pytest.skip(f"offline GPT-2 ranks not found at {BPE_FILE.resolve()} (the shared/ checkout is missing)")
-    argv = [*inputs, "--out_dir", out_dir, "--bpe_file", BPE_FILE, *extra]
+    argv = [*inputs, "--out_dir", out_dir, "--bpe_file", bpe_file, *extra]
     assert load_module("tokenize_shards").main([str(a) for a in argv]) == 0
     return capsys.readouterr().out if capsys else None
 
@@ -97,9 +106,9 @@ def split_docs(stream):
     return [stream[a + 1:b] for a, b in zip(starts, list(starts[1:]) + [len(stream)])]
 
 
-def test_tokenize_roundtrip_and_split(tmp_path, bpe, corpus, capsys):
+def test_tokenize_roundtrip_and_split(tmp_path, bpe, bpe_file, corpus, capsys):
     inputs, docs = corpus
-    out = tokenize(inputs, tmp_path / "out", "--val_tokens", 100, "--shard_size", 256, capsys=capsys)
+    out = tokenize(inputs, tmp_path / "out", bpe_file, "--val_tokens", 100, "--shard_size", 256, capsys=capsys)
     files = shard_files(tmp_path / "out")
     names = [f.name for f in files]
     assert names[0] == "fineweb_val_000000.bin"
@@ -123,24 +132,24 @@ def test_tokenize_roundtrip_and_split(tmp_path, bpe, corpus, capsys):
     assert f"{len(docs):,} docs, {total:,} tokens -> {len(files)} shards" in out
 
 
-def test_tokenize_deterministic_across_workers(tmp_path, corpus):
+def test_tokenize_deterministic_across_workers(tmp_path, bpe_file, corpus):
     inputs, _ = corpus
     for w in (1, 2):
-        tokenize(inputs, tmp_path / f"w{w}", "--val_tokens", 64, "--shard_size", 200, "--workers", w)
+        tokenize(inputs, tmp_path / f"w{w}", bpe_file, "--val_tokens", 64, "--shard_size", 200, "--workers", w)
     a, b = shard_files(tmp_path / "w1"), shard_files(tmp_path / "w2")
     assert [f.name for f in a] == [f.name for f in b] and len(a) > 2
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
 
 
-def test_tokenize_shuffle_and_options(tmp_path, bpe, corpus):
+def test_tokenize_shuffle_and_options(tmp_path, bpe, bpe_file, corpus):
     inputs, docs = corpus
-    tokenize(inputs[:1], tmp_path / "s", "--shuffle_seed", 3, "--val_tokens", 0, "--shard_size", 10**6,
+    tokenize(inputs[:1], tmp_path / "s", bpe_file, "--shuffle_seed", 3, "--val_tokens", 0, "--shard_size", 10**6,
              "--prefix", "mix", "--max_docs", 50, "--workers", 2)
     files = shard_files(tmp_path / "s")
     assert [f.name for f in files] == ["mix_train_000001.bin"]  # no val shard with --val_tokens 0
     got = [bpe.decode(d.tolist()) for d in split_docs(read_shard(files[0]))]
     assert sorted(got) == sorted(docs[:50]) and got != docs[:50]  # same first 50 docs, shuffled
-    tokenize(inputs[:1], tmp_path / "s2", "--shuffle_seed", 3, "--val_tokens", 0, "--shard_size", 10**6,
+    tokenize(inputs[:1], tmp_path / "s2", bpe_file, "--shuffle_seed", 3, "--val_tokens", 0, "--shard_size", 10**6,
              "--prefix", "mix", "--max_docs", 50)
     assert (tmp_path / "s2" / "mix_train_000001.bin").read_bytes() == files[0].read_bytes()
 
@@ -149,24 +158,36 @@ def test_tokenize_shuffle_and_options(tmp_path, bpe, corpus):
     ('{"text": "ok"}\n{"text": broken\n', "bad.jsonl:2: invalid JSON"),
     ('{"body": "no text field"}\n', "no field 'text'"),
 ])
-def test_tokenize_bad_input_exits_2(tmp_path, bpe, content, expect):
+def test_tokenize_bad_input_exits_2(tmp_path, bpe_file, content, expect):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
-    r = run_script("tokenize_shards.py", bad, "--out_dir", tmp_path / "out", "--bpe_file", BPE_FILE)
+    r = run_script("tokenize_shards.py", bad, "--out_dir", tmp_path / "out", "--bpe_file", bpe_file)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert last_line(r.stderr).startswith("error:") and expect in last_line(r.stderr)
     assert not list((tmp_path / "out").glob("*"))  # nothing written, nothing half-written
 
 
-def test_tokenize_refuses_to_mix_with_old_shards(tmp_path, corpus, capsys):
+def test_tokenize_error_after_some_shards_removes_them(tmp_path, bpe_file):
+    good, bad = tmp_path / "a_good.jsonl", tmp_path / "z_bad.jsonl"
+    good.write_text("".join(json.dumps({"text": f"document number {i} of the good file."}) + "\n" for i in range(1100)))
+    bad.write_text('{"text": broken\n')
+    out = tmp_path / "out"
+    r = run_script("tokenize_shards.py", good, bad, "--out_dir", out, "--bpe_file", bpe_file, "--val_tokens", 64,
+                   "--shard_size", 128)  # the first 1024 documents are written before the bad file is read
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "z_bad.jsonl:1: invalid JSON" in last_line(r.stderr) and "shards written before it" in last_line(r.stderr)
+    assert not list(out.glob("*"))
+
+
+def test_tokenize_refuses_to_mix_with_old_shards(tmp_path, bpe_file, corpus, capsys):
     inputs, _ = corpus
-    tokenize(inputs, tmp_path / "o", "--val_tokens", 64, "--shard_size", 128)
+    tokenize(inputs, tmp_path / "o", bpe_file, "--val_tokens", 64, "--shard_size", 128)
     n_before = len(shard_files(tmp_path / "o"))
     tok = load_module("tokenize_shards")
-    assert tok.main([*map(str, inputs), "--out_dir", str(tmp_path / "o"), "--bpe_file", str(BPE_FILE)]) == 2
+    assert tok.main([*map(str, inputs), "--out_dir", str(tmp_path / "o"), "--bpe_file", str(bpe_file)]) == 2
     assert "--overwrite" in last_line(capsys.readouterr().err)
-    tokenize(inputs, tmp_path / "o", "--val_tokens", 64, "--shard_size", 10**6, "--overwrite")
+    tokenize(inputs, tmp_path / "o", bpe_file, "--val_tokens", 64, "--shard_size", 10**6, "--overwrite")
     assert n_before > 2 and len(shard_files(tmp_path / "o")) == 2  # old shards replaced, not mixed
 
 
@@ -195,6 +216,21 @@ def test_synthetic_shards(tmp_path):
         succ.setdefault(x, set()).add(y)
     assert max(len(s) for s in succ.values()) <= 3
     assert 10 < int((stream == EOT_TOKEN).sum()) < len(stream) / 64  # several docs, each >= 64 tokens
+
+
+def test_synthetic_refuses_to_mix_and_reports_unwritable_dirs(tmp_path, capsys):
+    synth = load_module("make_synthetic_shards")
+    small = ["--shard_tokens", 100, "--val_tokens", 50]
+    assert synth.main([str(a) for a in ["--out_dir", tmp_path / "d", "--train_shards", 2, *small]]) == 0
+    assert synth.main([str(a) for a in ["--out_dir", tmp_path / "d", "--train_shards", 1, *small]]) == 2
+    assert "already holds 3 fineweb_*.bin shards; use --overwrite" in capsys.readouterr().err
+    assert synth.main([str(a) for a in ["--out_dir", tmp_path / "d", "--train_shards", 1, *small, "--overwrite"]]) == 0
+    assert [f.name for f in shard_files(tmp_path / "d")] == ["fineweb_val_000000.bin", "fineweb_train_000001.bin"]
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    assert synth.main(["--out_dir", str(tmp_path / "a_file" / "sub"), *map(str, small)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write shards to") and err.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------- cached_fineweb10B.py
