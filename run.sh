@@ -143,8 +143,14 @@ run_one() {
     return 0
   fi
   echo "run.sh: === $name ===" >&2
+  preflight "${cmd[@]}"
   fetch_data "$variant" "$data_dir" "$iters"
   run_cmd "${cmd[@]}"
+}
+
+preflight() {  # preflight torchrun A B train_gpt.py FLAGS...: the trainer's flag checks, before any download
+  WORLD_SIZE=$NPROC "$PYTHON" "${@:4}" --dry_run >/dev/null ||
+    die "the trainer refused the flags of $name (message above); nothing was downloaded or run"
 }
 
 cpu_run() {  # no CUDA GPU: a small but real run of the tiny preset on synthetic shards
@@ -160,7 +166,7 @@ cpu_run() {  # no CUDA GPU: a small but real run of the tiny preset on synthetic
     --batch_size 8 --device_batch_size 8 --sequence_length 64 --num_iterations 100
     --warmup_ratio "$WARMUP" --warmdown_ratio "$WARMDOWN" --val_loss_every 25 --val_tokens 4096)
   [[ -n $LR ]] && cmd+=(--lr "$LR")
-  cmd+=(--weight_decay "$WD" --mu "$MU" --scalar_lr 0.01)
+  cmd+=(--weight_decay "$WD" --mu "$MU" --scalar_lr 0.01)  # the tiny model's own scalar LR, not SCALAR_LR's
   [[ $OPT == dynmuon ]] && cmd+=(--dynmuon_pmax "$PMAX" --dynmuon_pmin "$PMIN" --dynmuon_tau "$TAU" --dynmuon_w "$W")
   cmd+=(--seed "$SEED" --log_dir "$LOG_DIR" --run_name "$name"
     --checkpoint_dir "checkpoints/$name" --checkpoint_freq "$CHECKPOINT_FREQ" --resume auto ${EXTRA[@]+"${EXTRA[@]}"})

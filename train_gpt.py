@@ -63,10 +63,19 @@ class ConfigError(Exception):
     """A bad flag or a bad combination of flags; the message says what to do."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends a flag's default, except None and False: those flags' help says what happens without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_arg_parser():
     ap = argparse.ArgumentParser(
         description="Train a GPT on FineWeb shards with DynMuon, Muon, NorMuon or AdamW.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     a = ap.add_argument
     # data and batch (flag names of the paper's released trainer)
     a("--data_dir", default="data/fineweb10B", help="folder of fineweb_val_*.bin / fineweb_train_*.bin shards")
@@ -101,8 +110,6 @@ def build_arg_parser():
     # optimizer
     a("--optimizer", choices=["dynmuon", "muon", "normuon", "adamw"], default="dynmuon",
       help="optimizer of the hidden matrices (adamw: AdamW for every parameter)")
-    a("--scalar_opt", choices=["adamw", "adam"], default="adamw",
-      help="optimizer of embedding and lm_head (both are AdamW with weight decay 0)")
     a("--lr", type=float, default=None, help="matrix LR; default 0.01 for the Muon family, 0.002 for adamw")
     a("--mu", type=float, default=0.95, help="momentum of the Muon family")
     a("--weight_decay", type=float, default=0.01, help="decoupled weight decay of the hidden matrices")
@@ -141,17 +148,19 @@ def build_arg_parser():
     a("--log_dir", default="logs", help="folder of <run_name>.txt and <run_name>.jsonl")
     a("--run_name", default=None, help="default: <optimizer>_<model>_<date-time>")
     a("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
-    a("--dry_run", action="store_true", help="print the resolved configuration and parameter count, then exit")
+    a("--dry_run", action="store_true", help="check the flags (for WORLD_SIZE processes, as torchrun sets it), "
+      "print the resolved configuration and parameter count, then exit")
     a("--target_loss", type=float, default=None, help="report at each evaluation whether this val loss is reached")
     a("--record", default=None,
       help="take --target_loss from a records entry: a records/records.json name or a records/<dir>/ run")
     # checkpoints
-    a("--checkpoint_dir", default=None, help="folder of this run's checkpoints (one run per folder)")
+    a("--checkpoint_dir", default=None,
+      help="folder of this run's checkpoints (one run per folder); without it no checkpoint is written")
     a("--checkpoint_freq", type=int, default=0,
       help="checkpoint every N steps (0: only at the end and on SIGTERM/SIGINT)")
     a("--keep_checkpoints", type=int, default=3, help="how many of the newest checkpoints to keep")
     a("--resume", default=None, help="'auto': newest valid checkpoint in --checkpoint_dir (fresh start if none); "
-                                      "or the path of a checkpoint .pt file")
+                                      "or the path of a checkpoint .pt file. Without it: a fresh run")
     return ap
 
 
@@ -1594,6 +1603,7 @@ class StopFlag:
 def main(argv=None):
     args = resolve_config(argv)
     if args.dry_run:
+        validate_flags(args, int(os.environ.get("WORLD_SIZE", 1)))
         with torch.device("meta"):
             n_params = count_parameters(build_model(args))
         print(json.dumps(vars(args), indent=1))

@@ -157,9 +157,9 @@ def format_table(rows):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(PRESETS), help="presets (space or comma separated)")
-    ap.add_argument("--optimizers", nargs="+", default=["muon", "dynmuon"])
+    ap.add_argument("--optimizers", nargs="+", default=["muon", "dynmuon"], help="optimizers to time per preset")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per config (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, Triton JIT)")
     ap.add_argument("--micro_batch_size", type=int, default=0,

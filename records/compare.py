@@ -285,12 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", metavar="OUT.png", help="write val curves with the target line here")
     ap.add_argument("--json", action="store_true", help="print results as JSON instead of the table")
     args = ap.parse_args(argv)
+    if not 0 < args.frac <= 1:
+        ap.error(f"--frac must lie in (0, 1], got {args.frac}")
     try:
         if args.plot:
             try:
                 import matplotlib  # noqa: F401
             except ImportError:
                 raise LogError("--plot needs matplotlib (pip install matplotlib)") from None
+            if not Path(args.plot).resolve().parent.is_dir():
+                raise LogError(f"--plot {args.plot}: folder {Path(args.plot).parent} does not exist")
         runs = [parse_log(p) for p in args.logs]
         target = args.target
         ref_obj = resolve_reference(args.reference, args.records) if args.reference else runs[0]

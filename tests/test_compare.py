@@ -211,7 +211,7 @@ def test_reference_records_dir(tmp_path):
     assert rc == 0 and "2026-01-01_muon_127M" in table(out)[0]
     (d / "other.txt").write_text("")
     rc, _, err = run_cli(mine, "--reference", d)
-    assert rc == 2 and "exactly one .txt" in err and "other.txt: give one of them" in err
+    assert rc == 2 and "exactly one .txt" in err and "other.txt): give one of them" in err
 
 
 def test_reference_records_json_entries(tmp_path):
@@ -301,3 +301,14 @@ def test_plot(logs):
     assert compare.main([str(muon), str(dyn), "--plot", str(out)]) == 0
     assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_plot_into_missing_folder_and_bad_frac_exit_2_before_output(logs, capsys):
+    pytest.importorskip("matplotlib")
+    tmp_path, muon, dyn = logs
+    assert compare.main([str(muon), "--plot", str(tmp_path / "no_such_dir" / "x.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "no_such_dir does not exist" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(muon), "--frac", "0"])
+    assert exit_info.value.code == 2 and "--frac must lie in (0, 1]" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def test_explicit_dims_override_preset(dry_run):
 
 
 def test_defaults_follow_spec():
-    args = tg.resolve_config([])
+    args = tg.resolve_config(["--device", "cpu"])  # on a GPU the micro-batch is sized to its memory
     assert (args.lr, args.mu, args.weight_decay, args.scalar_lr) == (0.01, 0.95, 0.01, 0.001)
     assert (args.dynmuon_pmax, args.dynmuon_pmin, args.dynmuon_tau, args.dynmuon_w) == (1.0, -0.25, 0.04, 0.04)
     assert (args.batch_size, args.device_batch_size, args.sequence_length) == (512, 64, 1024)
