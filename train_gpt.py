@@ -1378,16 +1378,17 @@ def check_resume_compatible(args, meta):
 
 
 def refuse_clobber(args, resuming):
-    """A fresh run never overwrites another run's logs or checkpoints. --resume auto with no usable checkpoint
-    starts again: an earlier attempt that stopped before its first checkpoint left only logs (set aside later)."""
-    if resuming or args.resume == "auto":
+    """A fresh run never overwrites another run's logs or checkpoints. --resume auto with no checkpoint starts
+    again: an earlier attempt that stopped before its first checkpoint left only logs (set aside later)."""
+    if resuming:
         return
     txt = Path(args.log_dir) / f"{args.run_name}.txt"
-    if txt.exists():
+    if txt.exists() and args.resume != "auto":
         raise ConfigError(f"{txt} already exists: choose another --run_name, or resume that run")
     if args.checkpoint_dir and any(Path(args.checkpoint_dir).glob("step_*.pt")):
-        raise ConfigError(f"{args.checkpoint_dir} already holds checkpoints: use --resume auto to continue "
-                          f"that run, or another --checkpoint_dir")
+        raise ConfigError(f"{args.checkpoint_dir} already holds checkpoints: " + (
+            "none of them is usable (see the warnings): move them away to start this run again"
+            if args.resume == "auto" else "use --resume auto to continue that run, or another --checkpoint_dir"))
 
 
 def set_aside_earlier_attempt(args, say):

@@ -137,6 +137,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_data):
     (dict(resume="CORRUPT"), "truncated or corrupt"),
     (dict(resume=None), "already exists: choose another --run_name"),
     (dict(resume=None, run_name="other"), "already holds checkpoints: use --resume auto"),
+    ("ALL_CORRUPT", "none of them is usable"),
 ])
 def test_invalid_resume_exits_2_and_clobbers_nothing(tmp_path, tiny_data, reference, change, message):
     import shutil
@@ -145,6 +146,10 @@ def test_invalid_resume_exits_2_and_clobbers_nothing(tmp_path, tiny_data, refere
     bad = tmp_path / "bad.pt"
     bad.write_bytes((ckpt / "step_000024.pt").read_bytes()[:1000])
     (tmp_path / "bad.json").write_text((ckpt / "step_000024.json").read_text())
+    if change == "ALL_CORRUPT":  # --resume auto finds no usable checkpoint among several
+        for pt in ckpt.glob("step_*.pt"):
+            pt.write_bytes(pt.read_bytes()[:1000])
+        change = {}
     settings = {**RUN, "checkpoint_dir": ckpt, "checkpoint_freq": 4, "resume": "auto", **change}
     if settings["resume"] == "CORRUPT":
         settings["resume"] = bad
