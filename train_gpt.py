@@ -1408,6 +1408,8 @@ def set_aside_earlier_attempt(args, say):
         f"{logs[0].with_suffix(f'.attempt{n}.txt')} (and .jsonl)")
 
 
+# -----------------------------------------------------------------------------
+# Training loop
 
 class TrainingError(Exception):
     """The run cannot go on (e.g. a non-finite loss); the message names the step and the last checkpoint."""

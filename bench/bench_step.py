@@ -157,7 +157,8 @@ def format_table(rows):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(PRESETS), help="presets (space or comma separated)")
     ap.add_argument("--optimizers", nargs="+", default=["muon", "dynmuon"], help="optimizers to time per preset")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per config (median reported)")

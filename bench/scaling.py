@@ -76,7 +76,8 @@ def format_table(rows):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, required=True, help="GPUs of the multi-GPU run (>= 2)")
     ap.add_argument("--json", default=None, help="write the joined table here (and the two runs beside it)")
     ap.add_argument("--dry_run", action="store_true", help="CPU: plan both runs with bench_step.py --dry_run")
