@@ -66,7 +66,8 @@ def bpe(bpe_file):
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
     tok = load_module("tokenize_shards")
-    return tiktoken.Encoding(name="gpt2_test", pat_str=tok.GPT2_PAT_STR, mergeable_ranks=load_tiktoken_bpe(str(bpe_file)),
+    ranks = load_tiktoken_bpe(str(bpe_file))
+    return tiktoken.Encoding(name="gpt2_test", pat_str=tok.GPT2_PAT_STR, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT_TOKEN})
 
 
