@@ -944,14 +944,14 @@ class GQAttention(nn.Module):
         self.q = nn.Parameter(torch.empty(dim, dim))
         self.kv = nn.Parameter(torch.empty(2, kv_dim, dim))  # k, v: two matrices for the optimizer
         self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.kv_bias = nn.Parameter(torch.zeros(2, kv_dim))
+        self.kv_bias = nn.Parameter(torch.zeros(2 * kv_dim))  # 1-D: a bias, so AdamW's and zero at init
         self.out = nn.Parameter(torch.empty(dim, dim))
         self.rotary = Rotary(self.head_dim, max_len, rope_base)
 
     def forward(self, x):
         B, T, D = x.shape
         q = self.linear(x, self.q, self.q_bias).view(B, T, self.n_head, self.head_dim)
-        k, v = self.linear(x, self.kv.flatten(0, 1), self.kv_bias.flatten()).view(
+        k, v = self.linear(x, self.kv.flatten(0, 1), self.kv_bias).view(
             B, T, 2, self.n_kv_head, self.head_dim).unbind(2)
         q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -1095,7 +1095,7 @@ class GPT(nn.Module):
 
     def matrices(self):
         """The hidden matrices (the Muon family's parameters); biases and norm weights are not."""
-        return [p for p in self.blocks.parameters() if p.ndim >= 2]
+        return [p for name, p in self.blocks.named_parameters() if p.ndim >= 2 and "bias" not in name]
 
     def forward(self, idx, targets):
         x = self.embed(idx)

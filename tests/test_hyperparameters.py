@@ -47,7 +47,17 @@ def test_defaults_follow_spec():
     assert (args.batch_size, args.device_batch_size, args.sequence_length) == (512, 64, 1024)
     assert (args.warmup_ratio, args.warmdown_ratio, args.lr_schedule) == (0.01, 0.2, "wsd")
     assert args.val_tokens == 10_485_760 and args.micro_batch_size == 64
+    assert (args.num_iterations, args.val_loss_every, args.vocab_size) == (20000, 50, 50304)
+    assert (args.optimizer, args.p_schedule, args.spectral, args.arch, args.rope_base) == (
+        "dynmuon", "logistic", "taylor", "gpt", 10000.0)
     assert tg.resolve_config(["--optimizer", "adamw"]).lr == 0.002
+
+
+def test_optimizer_constants_are_specs_literals():
+    """Written out here from SPEC section 1, so a mistyped constant in train_gpt.py cannot test itself."""
+    assert tg.NS_COEFFS == ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+                            (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
+    assert tg.NORMUON_BETA2 == 0.95 and tg.ANCHOR_RAW == 0.25
 
 
 H100, H200 = 79.6, 140.4  # GiB

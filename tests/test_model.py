@@ -64,9 +64,12 @@ def test_qwen_parameters_split_between_muon_and_adamw():
     adam, dyn = tg.build_optimizers(model, qwen_args())
     muon_ids = {id(p) for g in dyn.param_groups for p in g["params"]}
     adam_ids = {id(p) for g in adam.param_groups for p in g["params"]}
+    muon_names = {"attn.q", "attn.kv", "attn.out", "mlp.gate_up", "mlp.down"}  # SPEC: the hidden matrices
     for name, p in model.named_parameters():
-        expected = "muon" if (p.ndim >= 2 and name.startswith("blocks")) else "adam"
+        expected = "muon" if name.split(".", 2)[-1] in muon_names and name.startswith("blocks") else "adam"
         assert (id(p) in muon_ids, id(p) in adam_ids) == (expected == "muon", expected == "adam"), name
+        if "bias" in name:
+            assert p.ndim == 1 and not p.any(), name  # biases: AdamW's, zero at init
     block = model.blocks[0]
     assert block.attn.kv.shape == (2, 16, 32) and block.mlp.gate_up.shape == (2, 48, 32)
 
