@@ -1094,8 +1094,8 @@ class GPT(nn.Module):
             init_linear_(p)
 
     def matrices(self):
-        """The hidden matrices (the Muon family's parameters); biases and norm weights are not."""
-        return [p for name, p in self.blocks.named_parameters() if p.ndim >= 2 and "bias" not in name]
+        """The hidden matrices (the Muon family's parameters); biases and norm weights are 1-D, so not."""
+        return [p for p in self.blocks.parameters() if p.ndim >= 2]
 
     def forward(self, idx, targets):
         x = self.embed(idx)
