@@ -39,11 +39,12 @@ exp_tauw_ablation() {  # 127M dynmuon: (tau, w) in {0.02,0.04,0.08}^2 (9 runs)
   done
 }
 
-exp_schedule_ablation() {  # 127M dynmuon: logistic vs abrupt switch at step 500 vs fixed p_min (3 runs)
+exp_schedule_ablation() {  # 127M dynmuon: logistic vs abrupt switch at step 500 vs fixed p_min vs reverse (4 runs)
   local base=(MODEL=127M TOKENS=10B OPT=dynmuon)
   run_one "${base[@]}" TAG=logistic -- --p_schedule logistic
   run_one "${base[@]}" TAG=switch500 -- --p_schedule switch --p_switch_step 500  # p_max until 500, then p_min
   run_one "${base[@]}" TAG=fixed -- --p_schedule fixed                           # p_min throughout
+  run_one "${base[@]}" TAG=reverse -- --p_schedule reverse                       # p_min to p_max
 }
 
 exp_svd_vs_taylor() {  # 127M dynmuon: Fast-Spectral (Taylor) vs exact SVD shaping (2 runs)

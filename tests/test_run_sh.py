@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 import train_gpt  # noqa: E402
 
 EXPERIMENTS = {  # name -> number of runs
-    "main_table": 18, "lr_sweep": 10, "pmin_ablation": 3, "tauw_ablation": 9, "schedule_ablation": 3,
+    "main_table": 18, "lr_sweep": 10, "pmin_ablation": 3, "tauw_ablation": 9, "schedule_ablation": 4,
     "svd_vs_taylor": 2, "fineweb_edu": 2, "token_budget": 8, "seeds": 6, "normuon": 2, "qwen": 2,
 }
 CONSTANT_ENV = ("MODEL", "OPT", "TOKENS", "BATCH_SIZE", "DEVICE_BATCH_SIZE", "SEQ_LEN", "LR", "WD", "MU",
@@ -128,7 +128,7 @@ def test_ablations():
     pairs = {(flag(l, "--dynmuon_tau"), flag(l, "--dynmuon_w")) for l in listing("tauw_ablation")}
     assert pairs == {(t, w) for t in ("0.02", "0.04", "0.08") for w in ("0.02", "0.04", "0.08")}
     sched = listing("schedule_ablation")
-    assert [flag(l, "--p_schedule") for l in sched] == ["logistic", "switch", "fixed"]
+    assert [flag(l, "--p_schedule") for l in sched] == ["logistic", "switch", "fixed", "reverse"]
     assert flag(sched[1], "--p_switch_step") == "500"
     assert all(flag(l, "--dynmuon_pmin") == "-0.25" and flag(l, "--dynmuon_pmax") == "1" for l in sched)
     assert [flag(l, "--spectral") for l in listing("svd_vs_taylor")] == ["taylor", "svd"]
