@@ -9,6 +9,7 @@ Reference behaviour: SPEC.md (DynMuon, arXiv 2605.17109, on the modded-nanoGPT G
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -57,6 +58,7 @@ LR_DEFAULTS = {"dynmuon": 0.01, "muon": 0.01, "normuon": 0.01, "adamw": 0.002}
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 NORMUON_BETA2 = 0.95
+STOP_REPEAT_GRACE_S = 5.0  # a stop signal repeated within this many seconds is the same request
 
 
 class ConfigError(Exception):
@@ -244,7 +246,9 @@ def validate_flags(args, world_size=1):
     need(args.dynmuon_pmin <= args.dynmuon_pmax, "--dynmuon_pmin must not exceed --dynmuon_pmax")
     need(-1 <= args.dynmuon_pmin and args.dynmuon_pmax <= 1,
          "--dynmuon_pmin/--dynmuon_pmax must lie in [-1, 1] (the Taylor correction is only sane there)")
-    need(args.val_tokens >= args.sequence_length, "--val_tokens must hold at least one sequence")
+    need(args.val_tokens >= world_size * args.sequence_length,
+         f"--val_tokens must hold at least one sequence per process ({world_size} x --sequence_length "
+         f"{args.sequence_length} = {world_size * args.sequence_length}); raise --val_tokens")
     need(args.device == "cpu" or torch.cuda.is_available(),
          "--device cuda asked for but no CUDA GPU is visible: use --device cpu or check CUDA_VISIBLE_DEVICES")
     need(args.lr > 0 and args.scalar_lr > 0 and 0 <= args.mu < 1, "--lr, --scalar_lr must be > 0 and 0 <= --mu < 1")
@@ -1325,12 +1329,17 @@ def file_sha256(path):
     return sha.hexdigest()
 
 
-def save_checkpoint(ckpt_dir, step, payload, config, keep):
+def data_fingerprint(val_path, train_shards):
+    """Shard names and token counts: a resumed run must read the same data (the folder may move)."""
+    return [[Path(p).name, shard_token_count(p)] for p in [val_path, *train_shards]]
+
+
+def save_checkpoint(ckpt_dir, step, payload, config, data, keep):
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     pt = ckpt_dir / f"step_{step:06d}.pt"
     sha = atomic_write(pt, lambda f: torch.save(payload, f))
-    meta = dict(step=step, sha256=sha, code_sha256=CODE_SHA256, config=config, time=time.time())
+    meta = dict(step=step, sha256=sha, code_sha256=CODE_SHA256, config=config, data=data, time=time.time())
     atomic_write(pt.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
         old.unlink()
@@ -1367,7 +1376,14 @@ def find_checkpoint(args, warn):
     return None, None
 
 
-def check_resume_compatible(args, meta):
+def check_resume_compatible(args, meta, data):
+    saved_data = meta.get("data", data)  # checkpoints written before the fingerprint existed are not checked
+    if saved_data != data:
+        first = next(f"{a} (checkpoint) vs {b} (now)" for a, b in itertools.zip_longest(saved_data, data)
+                     if a != b)
+        raise ConfigError(f"cannot resume: the shards in --data_dir {args.data_dir} differ from the checkpoint's "
+                          f"(first difference, [name, tokens]: {first}); point --data_dir at the data the run "
+                          f"started with")
     saved = meta["config"]
     differ = sorted(k for k, v in vars(args).items()
                     if k not in RESUME_NEUTRAL_FLAGS and k in saved and saved[k] != v)
@@ -1589,18 +1605,24 @@ def train_step(model, opts, batch, args, step, accum_scale, fwd_context):
 
 
 class StopFlag:
-    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the next step boundary."""
+    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at a step boundary that all ranks agree on.
+    Repeats within STOP_REPEAT_GRACE_S of the first are the same request delivered twice (a job scheduler
+    signals every process and torchrun forwards its own signal, Ctrl-C reaches workers and torchrun);
+    a later one stops at once, without a checkpoint."""
 
     def __init__(self):
-        self.signum = 0
+        self.signum, self.first_at = 0, None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signum:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        print_console(f"received signal {signum}: checkpointing at the end of this step, then exiting")
+        if self.signum:
+            if time.monotonic() - self.first_at > STOP_REPEAT_GRACE_S:
+                raise KeyboardInterrupt
+            return
+        self.signum, self.first_at = signum, time.monotonic()
+        print_console(f"received signal {signum}: checkpointing at the end of this step, then exiting "
+                      f"(a second signal more than {STOP_REPEAT_GRACE_S} s later stops without a checkpoint)")
 
 
 def main(argv=None):
@@ -1644,11 +1666,12 @@ def train(args, rank, world, local):
     validate_flags(args, world)
     val_path, train_shards = find_shards(args.data_dir)
     check_data(val_path, train_shards, args, say)
+    data = data_fingerprint(val_path, train_shards)
     ckpt_path, ckpt_meta = find_checkpoint(args, say)
     if ckpt_meta is not None:
         if args.run_name is None:
             args.run_name = ckpt_meta["config"]["run_name"]
-        check_resume_compatible(args, ckpt_meta)
+        check_resume_compatible(args, ckpt_meta, data)
         if ckpt_meta["code_sha256"] != CODE_SHA256:
             say(f"warning: {ckpt_path} was written by a different train_gpt.py (code hash differs)")
     elif args.run_name is None:
@@ -1704,7 +1727,8 @@ def train(args, rank, world, local):
                        rng_cpu=torch.get_rng_state())
         path = None
         if rank == 0:
-            path = save_checkpoint(args.checkpoint_dir, run["step"], payload, vars(args), args.keep_checkpoints)
+            path = save_checkpoint(args.checkpoint_dir, run["step"], payload, vars(args), data,
+                                   args.keep_checkpoints)
             log.line(f"checkpoint: {path}", console=False)
         if is_distributed():
             dist.barrier()
@@ -1715,6 +1739,7 @@ def train(args, rank, world, local):
         _progress = tqdm(total=T, initial=run["step"], desc=args.run_name, dynamic_ncols=True, file=sys.stdout,
                          mininterval=1.0 if sys.stdout.isatty() else 60.0)  # batch-job logs: a line a minute
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    stopping = 0  # the stop signal, once every rank knows of it (from the all-reduce after each step)
     first_step = True  # excluded from step_avg: compilation and warm-up
     while True:
         step = run["step"]
@@ -1733,10 +1758,10 @@ def train(args, rank, world, local):
             log.event("val", step=step, total_steps=T, val_loss=val_loss, train_time_ms=run["train_time_ms"],
                       step_avg_ms=step_avg, target=target, reached_at=run["reached_at"])
             run["evaluated"] = True
-        due = last or stop.signum or (args.checkpoint_freq and step % args.checkpoint_freq == 0)
+        due = last or stopping or (args.checkpoint_freq and step % args.checkpoint_freq == 0)
         if args.checkpoint_dir and due and step > 0 and step != resumed_step:
             last_ckpt = checkpoint()
-        if last or stop.signum:
+        if last or stopping:
             break
         sync()
         t0 = time.perf_counter()
@@ -1744,8 +1769,8 @@ def train(args, rank, world, local):
                                     args, step, 1.0 / accum_steps, fwd_context)
         reduced = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop.signum), device=device)]))
         train_loss = reduced[0].item() / (accum_steps * world)  # .item() waits for the GPU
-        if reduced[1].item() > 0 and not stop.signum:
-            stop.signum = signal.SIGTERM  # another rank was signalled: stop together
+        if reduced[1].item() > 0:  # this rank or another was signalled: all stop after this step
+            stopping = stop.signum or signal.SIGTERM
         step_ms = 1000 * (time.perf_counter() - t0)
         run.update(step=step + 1, evaluated=False, train_time_ms=run["train_time_ms"] + step_ms)
         if not first_step:
@@ -1767,11 +1792,11 @@ def train(args, rank, world, local):
     if _progress is not None:
         _progress.close()
         _progress = None
-    if stop.signum:
-        log.line(f"stopped by signal {stop.signum} at step {run['step']}; checkpoint: {last_ckpt or 'none'}; "
+    if stopping:
+        log.line(f"stopped by signal {stopping} at step {run['step']}; checkpoint: {last_ckpt or 'none'}; "
                  f"rerun with --resume auto to continue")
         log.close()
-        return 128 + stop.signum
+        return 128 + stopping
     if target is not None:
         log.line(f"target:{target:.4f} " + (f"reached_at_step:{run['reached_at']}" if run["reached_at"] is not None
                                             else "not_reached"))

@@ -1,14 +1,19 @@
 """Never lose a run: kill / SIGTERM / corruption, then resume bitwise; bad inputs refused with exit 2."""
 import hashlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, run_trainer, tiny_flags, train_losses, val_losses
+import train_gpt as tg
 
 RUN = dict(num_iterations=24, val_loss_every=6, model_dim=64, sequence_length=32, batch_size=8,
            device_batch_size=4, micro_batch_size=4)
@@ -86,8 +91,37 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, tiny_data, reference):
     assert_same_run(tmp_path / "logs", reference)
 
 
+def children(pid):
+    """Process ids of pid's children (Linux /proc)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+@pytest.mark.parametrize("target", ["one_rank", "launcher_and_ranks"])
+def test_sigterm_to_some_or_all_processes_of_two_ranks(tmp_path, tiny_data, reference, target):
+    """one_rank: the other rank learns of it at the step's all-reduce and both checkpoint the same step.
+    launcher_and_ranks (a job scheduler's stop): every rank gets the signal twice, from the scheduler and
+    from torchrun, and still checkpoints once. Resuming then gives the uninterrupted run."""
+    moved_data = tmp_path / "moved_data"  # the resumed run reads a copy: a moved folder is the same data
+    shutil.copytree(tiny_data, moved_data)
+    flags = dict(checkpoint_dir=tmp_path / "ckpt", checkpoint_freq=100, resume="auto", **RUN)
+    proc = start(tiny_flags(tiny_data, tmp_path / "logs", **flags), nproc=2)
+    wait_for(tmp_path / "logs" / "run.jsonl", proc)
+    while len((tmp_path / "logs" / "run.txt").read_text().split("train_loss")) < 3:  # 2 steps done
+        time.sleep(0.01)
+    ranks = children(proc.pid)
+    assert len(ranks) == 2
+    for pid in ranks[:1] if target == "one_rank" else [proc.pid, *ranks]:
+        os.kill(pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert not re.search(r"^\[rank\d\]:.*(Traceback|KeyboardInterrupt)", stderr, re.M), stderr  # torchrun prints a traceback of its own
+    (saved,) = sorted((tmp_path / "ckpt").glob("step_*.pt"))
+    assert f"stopped by signal 15 at step {int(saved.stem[5:])}" in (tmp_path / "logs" / "run.txt").read_text()
+    run_trainer(tiny_flags(moved_data, tmp_path / "logs", **flags), nproc=2)
+    assert_same_run(tmp_path / "logs", reference)
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_data, reference):
-    import shutil
     shutil.copytree(reference / "ckpt", tmp_path / "ckpt")
     shutil.copytree(reference / "logs", tmp_path / "logs")
     for step in (24, 20):  # newest: bytes flipped; next: truncated
@@ -138,9 +172,9 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_data):
     (dict(resume=None), "already exists: choose another --run_name"),
     (dict(resume=None, run_name="other"), "already holds checkpoints: use --resume auto"),
     ("ALL_CORRUPT", "none of them is usable"),
+    ("OTHER_DATA", "cannot resume: the shards in --data_dir"),
 ])
 def test_invalid_resume_exits_2_and_clobbers_nothing(tmp_path, tiny_data, reference, change, message):
-    import shutil
     shutil.copytree(reference, tmp_path / "ref")
     ckpt, logs = tmp_path / "ref" / "ckpt", tmp_path / "ref" / "logs"
     bad = tmp_path / "bad.pt"
@@ -150,11 +184,17 @@ def test_invalid_resume_exits_2_and_clobbers_nothing(tmp_path, tiny_data, refere
         for pt in ckpt.glob("step_*.pt"):
             pt.write_bytes(pt.read_bytes()[:1000])
         change = {}
+    if change == "OTHER_DATA":  # the same shard names, one of them shortened
+        other = tmp_path / "other_data"
+        shutil.copytree(tiny_data, other)
+        shard = sorted(other.glob("*_train_*.bin"))[-1]
+        tg.write_shard(shard, np.array(tg.read_shard(shard)[:-1000]))  # a copy: not the memory map
+        change = dict(data_dir=other)
     settings = {**RUN, "checkpoint_dir": ckpt, "checkpoint_freq": 4, "resume": "auto", **change}
     if settings["resume"] == "CORRUPT":
         settings["resume"] = bad
     before = snapshot(ckpt, logs)
-    proc = run_trainer(tiny_flags(tiny_data, logs, **settings), check=False)
+    proc = run_trainer(tiny_flags(settings.pop("data_dir", tiny_data), logs, **settings), check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert snapshot(ckpt, logs) == before

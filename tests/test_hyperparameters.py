@@ -106,6 +106,15 @@ def test_bad_flags_exit_2_with_one_line(monkeypatch, capsys, flags, message):
     assert message in err and err.strip().count("\n") == 0, err
 
 
+def test_each_process_needs_a_val_sequence():
+    """An empty val share would make every val loss NaN (0 / 0 in the all-reduced mean)."""
+    args = tg.resolve_config(["--device", "cpu", "--val_tokens", str(4 * 1024), "--batch_size", "64",
+                              "--device_batch_size", "8"])
+    tg.validate_flags(args, world_size=4)
+    with pytest.raises(tg.ConfigError, match=r"one sequence per process \(8 x --sequence_length 1024"):
+        tg.validate_flags(args, world_size=8)
+
+
 def test_auto_backends_take_the_kernels_only_where_they_run(monkeypatch):
     cpu = tg.resolve_config(["--device", "cpu"])
     assert (cpu.ns_backend, cpu.qk_backend, cpu.ce_backend) == ("torch", "torch", "torch")
