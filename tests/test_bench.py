@@ -38,8 +38,11 @@ def test_bench_step_rejects_unknown_preset():
 
 def test_profile_step_names_the_kernels_of_the_step():
     a, b = torch.randn(64, 48), torch.randn(48, 32)
-    table = bench_step.profile_step(lambda: a @ b, rows=5)
-    assert "aten::mm" in table
+    calls = []
+    table = bench_step.profile_step(lambda: calls.append(torch.relu(a @ b)), rows=5)
+    assert len(calls) == 1 and "aten::mm" in table and "aten::relu" in table
+    rows = [line for line in table.splitlines() if line.strip().startswith("aten::")]
+    assert 2 <= len(rows) <= 5  # row_limit
 
 
 def test_scaling_dry_run_joins_one_and_n_gpu_plans(tmp_path):

@@ -45,6 +45,8 @@ def reference(tmp_path_factory, tiny_data):
     """An uninterrupted run, with checkpoints every 4 steps."""
     out = tmp_path_factory.mktemp("reference")
     run_trainer(tiny_flags(tiny_data, out / "logs", checkpoint_dir=out / "ckpt", checkpoint_freq=4, **RUN))
+    assert [p.name for p in sorted((out / "ckpt").glob("step_*.pt"))] == [  # --keep_checkpoints 3
+        "step_000016.pt", "step_000020.pt", "step_000024.pt"]
     return out
 
 
@@ -168,6 +170,8 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_data):
 @pytest.mark.parametrize("change,message", [
     (dict(model_dim=32), "--model_dim 64 (checkpoint) vs 32 (now)"),
     (dict(lr=0.05), "cannot resume: --lr"),
+    (dict(optimizer="muon"), "--optimizer dynmuon (checkpoint) vs muon (now)"),
+    (dict(dynmuon_tau=0.08), "--dynmuon_tau 0.04 (checkpoint) vs 0.08 (now)"),
     (dict(resume="CORRUPT"), "truncated or corrupt"),
     (dict(resume=None), "already exists: choose another --run_name"),
     (dict(resume=None, run_name="other"), "already holds checkpoints: use --resume auto"),

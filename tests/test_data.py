@@ -24,13 +24,16 @@ def corrupt(path, how):
         data[4:8] = np.int32(7).tobytes()
     elif how == "size":
         data = data[:-10]
+    elif how == "appended":
+        data += b"\0" * 10
     elif how == "header":
         data = data[:100]
     path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("how,message", [("magic", "bad magic 12345"), ("version", "unsupported version 7"),
-                                         ("size", "truncated or corrupt"), ("header", "shorter than")])
+                                         ("size", "truncated or corrupt"), ("appended", "truncated or corrupt"),
+                                         ("header", "shorter than")])
 def test_bad_shard_errors_name_the_file(tmp_path, how, message):
     path = tmp_path / "fineweb_train_000001.bin"
     tg.write_shard(path, np.arange(100))
@@ -54,6 +57,16 @@ def test_missing_empty_and_incomplete_data_dirs(tmp_path):
     tg.write_shard(tmp_path / "fineweb_train_000001.bin", [])
     with pytest.raises(tg.DataError, match="empty shard"):
         tg.find_shards(tmp_path)
+
+
+def test_train_shards_are_taken_in_name_order(tmp_path):
+    for name in ("fineweb_train_000002.bin", "fineweb_val_000000.bin", "fineweb_train_000010.bin",
+                 "fineweb_train_000001.bin"):  # created out of order
+        tg.write_shard(tmp_path / name, np.arange(10))
+    val, train = tg.find_shards(tmp_path)
+    assert val.name == "fineweb_val_000000.bin"
+    assert [p.name for p in train] == ["fineweb_train_000001.bin", "fineweb_train_000002.bin",
+                                       "fineweb_train_000010.bin"]
 
 
 @pytest.mark.parametrize("how", ["magic", "size", "missing_dir"])

@@ -88,6 +88,75 @@ def test_qwen_one_training_step_each_optimizer(optimizer):
     assert set(changed) == set(before)  # every parameter moved, biases and norm weights included
 
 
+def rms_norm_f64(x, weight=None, eps=torch.finfo(torch.float32).eps):  # the GPT's: F.rms_norm's eps in fp32
+    y = x / (x.square().mean(-1, keepdim=True) + eps).sqrt()
+    return y if weight is None else y * weight
+
+
+def rope_f64(x, base):
+    """x [B, T, heads, hd]: pairs (i, i + hd/2) rotated by the angle position x base^(-2i/hd)."""
+    half = x.size(-1) // 2
+    angle = torch.arange(x.size(1), dtype=torch.float64)[:, None] * base ** (-2 * torch.arange(half) / (2 * half))
+    cos, sin = angle.cos()[:, None], angle.sin()[:, None]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+def causal_attention_f64(q, k, v):
+    """Softmax attention with the 1/sqrt(hd) scale; k, v heads shared by groups of q heads (GQA)."""
+    k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.size(-1))
+    future = torch.ones(q.size(1), q.size(1), dtype=torch.bool).triu(1)
+    return torch.einsum("bhts,bshd->bthd", scores.masked_fill(future, -math.inf).softmax(-1), v).flatten(2)
+
+
+def spec_model_loss(w, x, y, args):
+    """SPEC §2 written out in float64 from the weights {name: tensor}: the GPT block, or the Qwen-style one."""
+    heads = lambda t, n: t.view(*t.shape[:2], n, -1)  # noqa: E731
+    h = w["embed.weight"][x]
+    for i in range(args.n_layer):
+        b = f"blocks.{i}."
+        if args.arch == "gpt":
+            a = rms_norm_f64(h)
+            q, k, v = (heads(a @ w[b + "attn.qkv"][j].T, args.n_head) for j in range(3))
+            q, k = rope_f64(rms_norm_f64(q), 1e4), rope_f64(rms_norm_f64(k), 1e4)  # QK-norm, then RoPE
+        else:
+            a = rms_norm_f64(h, w[b + "attn_norm.weight"], 1e-6)
+            k_bias, v_bias = w[b + "attn.kv_bias"].chunk(2)
+            q = rope_f64(heads(a @ w[b + "attn.q"].T + w[b + "attn.q_bias"], args.n_head), 1e6)
+            k = rope_f64(heads(a @ w[b + "attn.kv"][0].T + k_bias, args.n_kv_head), 1e6)
+            v = heads(a @ w[b + "attn.kv"][1].T + v_bias, args.n_kv_head)
+        h = h + causal_attention_f64(q, k, v) @ w[b + "attn.out"].T
+        if args.arch == "gpt":
+            h = h + torch.relu(rms_norm_f64(h) @ w[b + "mlp.fc"].T).square() @ w[b + "mlp.proj"].T
+        else:
+            m = rms_norm_f64(h, w[b + "mlp_norm.weight"], 1e-6)
+            gate, up = (m @ w[b + "mlp.gate_up"][j].T for j in range(2))
+            h = h + (F.silu(gate) * up) @ w[b + "mlp.down"].T
+    h = rms_norm_f64(h) if args.arch == "gpt" else rms_norm_f64(h, w["final_norm.weight"], 1e-6)
+    return F.cross_entropy((h @ w["lm_head"].T).flatten(0, 1), y.flatten())
+
+
+@pytest.mark.parametrize("arch", ["gpt", "qwen"])
+def test_model_loss_matches_spec_written_out(arch):
+    """The float32 model against SPEC §2 in float64, with every weight random (norm weights and biases too),
+    and the parameter shapes the optimizer sees: q, k, v (and gate, up) as separate matrices."""
+    args = tiny_args() if arch == "gpt" else qwen_args()
+    torch.manual_seed(0)
+    model = tg.build_model(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else p.size(-1) ** -0.5))
+        model.embed.weight.normal_(std=0.02)  # SPEC's init: small enough that an RMSNorm's eps shows
+    d, block = args.model_dim, model.blocks[0]
+    if arch == "gpt":
+        assert (block.attn.qkv.shape, block.attn.out.shape) == ((3, d, d), (d, d))
+        assert (block.mlp.fc.shape, block.mlp.proj.shape) == ((4 * d, d), (d, 4 * d))
+    x, y = torch.randint(0, TINY_VOCAB, (2, 16)), torch.randint(0, TINY_VOCAB, (2, 16))
+    weights = {n: p.detach().double() for n, p in model.named_parameters()}
+    assert model(x, y).item() == pytest.approx(spec_model_loss(weights, x, y, args).item(), rel=1e-5)
+
+
 def _loss_and_grads(h, w, targets, chunk):
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
     loss = tg.linear_cross_entropy(h, w, targets, chunk)

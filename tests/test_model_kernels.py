@@ -113,6 +113,10 @@ def test_cross_entropy_kernel_matches_float64(shape, dtype):
     half_ulp = torch.finfo(dtype).eps / 2
     err = (grad.double() - ref_grad).abs()
     assert (err <= half_ulp * ref_grad.abs() + 1e-6 / n).all(), err.max().item()
+    padded = torch.zeros(n, vocab + 3, dtype=dtype, device=DEV)  # rows strided wider than the vocabulary
+    padded[:, :vocab] = logits
+    strided_rows, strided_grad = tg.cross_entropy_with_grad(padded[:, :vocab], targets)
+    assert torch.equal(strided_rows, rows) and torch.equal(strided_grad, grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

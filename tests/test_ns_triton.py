@@ -16,10 +16,14 @@ from train_gpt import NS_COEFFS, fast_spectral, newton_schulz  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-SHAPES = [(1, 5, 7), (3, 17, 40), (2, 33, 33), (1, 64, 200)]
+# 97 rows: 4 tiles a side under the interpreter's 32-blocks, so some mirrored tiles are not next to the diagonal
+SHAPES = [(1, 5, 7), (3, 17, 40), (2, 33, 33), (1, 64, 200), (1, 97, 130)]
 # fp32 dots (fp64 inputs are dotted in fp32) are exact under the interpreter, tf32 on a GPU
 TOL = {torch.float64: 1e-5 if INTERP else 5e-3, torch.float32: 1e-5 if INTERP else 5e-3,
        torch.bfloat16: 1e-2}
+# fused vs torch path of whole iterations: the interpreter rounds like eager torch (NS measured equal, Fast-Spectral
+# 2e-4 apart); on a GPU the accumulation order differs
+NS_TOL, FS_TOL = (1e-3, 1e-3) if INTERP else (2e-2, 3e-2)
 
 
 def rel(x, ref):
@@ -96,14 +100,14 @@ def test_newton_schulz(shape):
     assert X.dtype == gram.dtype == torch.bfloat16 and X.shape == G.shape
     assert gram.shape == (*shape[:-1], shape[-2])
     assert rel(gram, gramr) < 1e-2
-    assert rel(X, Xr) < 2e-2
+    assert rel(X, Xr) < NS_TOL
     sv = torch.linalg.svdvals(X.double())
     assert sv.min() > 0.6 and sv.max() < 1.25, (sv.min().item(), sv.max().item())
 
 
 def test_newton_schulz_strided():
     G = randn(2, 40, 17, dtype=torch.bfloat16).mT  # transposed view [2, 17, 40]
-    assert rel(nst.newton_schulz(G, fused=True)[0], newton_schulz(G)[0]) < 2e-2
+    assert rel(nst.newton_schulz(G, fused=True)[0], newton_schulz(G)[0]) < NS_TOL
 
 
 FS_CASES = [(s, p) for s in [(1, 5, 7), (3, 17, 40)] for p in (-0.1, -0.25, -0.5)]
@@ -114,7 +118,7 @@ def test_fast_spectral(shape, p):
     U = 3 * randn(*shape, dtype=torch.bfloat16, seed=3)
     out = nst.fast_spectral(U, p, fused=True)
     assert out.dtype == torch.bfloat16 and out.shape == U.shape
-    assert rel(out, fast_spectral(U, p)) < 3e-2
+    assert rel(out, fast_spectral(U, p)) < FS_TOL
 
 
 def test_dynmuon_step_fused_equals_plain():
