@@ -553,8 +553,8 @@ def _triton_args(t):
     if triton is None:
         raise ConfigError("the fused kernels need triton: pip install triton, or use --ns_backend torch")
     bm, bk, warps, stages = TRITON_BLOCKS
-    return dict(EMU=TRITON_INTERPRET or t.dtype == torch.float64, BM=bm, BK=bk, num_warps=warps,
-                num_stages=stages)
+    fp64 = t.dtype == torch.float64  # its tiles in 3 stages overflow Hopper's shared memory: 1 stage
+    return dict(EMU=TRITON_INTERPRET or fp64, BM=bm, BK=bk, num_warps=warps, num_stages=1 if fp64 else stages)
 
 
 def _as3d(t):
