@@ -179,6 +179,8 @@ def main():
                     help="train_gpt.py --fp8 (MFU stays against the bf16 matmul rate)")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="after the timed steps, profile one more and print its ROWS most expensive GPU kernels")
+    ap.add_argument("--ddp_bucket_mb", type=float, default=tg.build_arg_parser().get_default("ddp_bucket_mb"),
+                    help="train_gpt.py --ddp_bucket_mb (several GPUs)")
     ap.add_argument("--json", default=None, help="also write the table (and run facts) as JSON here")
     ap.add_argument("--dry_run", action="store_true", help="CPU: print planned configs and FLOPs/step, no CUDA")
     a = ap.parse_args()
@@ -209,7 +211,8 @@ def main():
         for opt in optims:
             args = config(model, opt, mb, world, device, ns_backend, a.no_compile,
                           ["--loss_chunk", str(a.loss_chunk), "--attention", a.attention, "--fp8", a.fp8,
-                           "--qk_backend", qk_backend, "--ce_backend", ce_backend])
+                           "--qk_backend", qk_backend, "--ce_backend", ce_backend,
+                           "--ddp_bucket_mb", str(a.ddp_bucket_mb)])
             flops, n = flops_per_step(args)
             accum = args.batch_size // (world * mb)
             row = dict(model=model, opt=opt, micro_batch=mb, accum=accum, world=world, flops_per_step=flops,

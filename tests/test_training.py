@@ -66,6 +66,20 @@ def test_eight_gloo_ranks_match_one_process(tmp_path, tiny_data):
     assert [v for _, v in eight] == pytest.approx([v for _, v in one], rel=1e-5)
 
 
+def test_ddp_takes_the_bucket_size_flag(tmp_path):
+    import torch.distributed as dist
+    import train_gpt as tg
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for flags, mb in (([], tg.DDP_BUCKET_MB), (["--ddp_bucket_mb", "3"], 3)):
+            args = tg.resolve_config(["--model", "tiny", "--model_dim", "8", "--n_head", "2", "--device", "cpu",
+                                      *flags])
+            ddp = tg.wrap_model(tg.build_model(args), args, world=2, local=0, compile_model=False)
+            assert ddp.bucket_bytes_cap == int(mb * 2 ** 20)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_more_ranks_than_batch_allows_is_refused(tmp_path, tiny_data):
     proc = run_trainer(tiny_flags(tiny_data, tmp_path / "logs", batch_size=4, device_batch_size=4), nproc=2,
                        check=False)
