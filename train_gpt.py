@@ -1776,7 +1776,7 @@ def train(args, rank, world, local):
         reduced = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop.signum), device=device)]))
         train_loss = reduced[0].item() / (accum_steps * world)  # .item() waits for the GPU
         if reduced[1].item() > 0:  # this rank or another was signalled: all stop after this step
-            stopping = stop.signum or signal.SIGTERM
+            stopping = stop.signum or int(signal.SIGTERM)
         step_ms = 1000 * (time.perf_counter() - t0)
         run.update(step=step + 1, evaluated=False, train_time_ms=run["train_time_ms"] + step_ms)
         if not first_step:
