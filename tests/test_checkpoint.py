@@ -109,7 +109,9 @@ def test_sigterm_to_some_or_all_processes_of_two_ranks(tmp_path, tiny_data, refe
     flags = dict(checkpoint_dir=tmp_path / "ckpt", checkpoint_freq=100, resume="auto", **RUN)
     proc = start(tiny_flags(tiny_data, tmp_path / "logs", **flags), nproc=2)
     wait_for(tmp_path / "logs" / "run.jsonl", proc)
+    deadline = time.time() + 240
     while len((tmp_path / "logs" / "run.txt").read_text().split("train_loss")) < 3:  # 2 steps done
+        assert proc.poll() is None and time.time() < deadline, "the trainer ended or stalled before step 2"
         time.sleep(0.01)
     ranks = children(proc.pid)
     assert len(ranks) == 2
