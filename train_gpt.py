@@ -8,6 +8,7 @@ Reference behaviour: SPEC.md (DynMuon, arXiv 2605.17109, on the modded-nanoGPT G
 """
 import argparse
 import contextlib
+from functools import partial
 import hashlib
 import itertools
 import json
@@ -59,6 +60,7 @@ ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 NORMUON_BETA2 = 0.95
 DDP_BUCKET_MB = 200.0  # 2 x H200, 601M: 1.93x one GPU's tokens/s (torch's 25 MB: 1.79x) (bench/NOTES.md)
+H200_MS_PER_STEP = {"127M": 905, "601M": 3551, "1.1B": 6111}  # DynMuon at the defaults (bench/NOTES.md)
 STOP_REPEAT_GRACE_S = 5.0  # a stop signal repeated within this many seconds is the same request
 
 
@@ -75,8 +77,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad flag: one line naming it and a --help hint (exit 2), not the whole usage text first."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_arg_parser():
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         description="Train a GPT on FineWeb shards with DynMuon, Muon, NorMuon or AdamW.",
         formatter_class=HelpFormatter)
     a = ap.add_argument
@@ -124,24 +132,25 @@ def build_arg_parser():
     a("--p_schedule", choices=["logistic", "fixed", "switch", "reverse"], default="logistic",
       help="fixed: p_min throughout; switch: p_max until --p_switch_step then p_min; reverse: p_min to p_max")
     a("--p_switch_step", type=int, default=500, help="step of the abrupt switch (--p_schedule switch)")
-    a("--spectral", choices=["taylor", "svd"], default="taylor",
-      help="p<0 transform: taylor = Fast-Spectral (paper); svd = exact U S^p V^T in fp32 (slow)")
-    a("--ns_backend", choices=["auto", "torch", "triton"], default="auto",
-      help="Newton-Schulz/Fast-Spectral kernels: fused Triton or plain torch; auto = triton on CUDA")
-    a("--qk_backend", choices=["auto", "torch", "triton"], default="auto",
-      help="attention's QK RMSNorm + RoPE: one fused Triton kernel (fp32 math, forward and backward) or "
-           "plain torch ops; auto = triton on CUDA")
-    a("--ce_backend", choices=["auto", "torch", "triton"], default="auto",
-      help="lm_head cross-entropy in training: torch = F.cross_entropy; triton = the loss and its gradient in "
-           "one Triton kernel over the bf16 logits (fp32 math), the backward only matmuls (2-3%% faster at 127M, "
-           "+6 GiB at micro-batch 64); auto = triton on CUDA unless --loss_chunk or --fp8 all")
+    a("--spectral", choices=list(NEGATIVE_STAGES), default="taylor",
+      help="the p<0 stage: taylor = Fast-Spectral (paper); ablations: scalar = c0 |U|_F^p NS(U) (Fast-Spectral "
+           "with A = 0), polar = plain NS (Muon), exact = U S^p V^T by a matmul iteration, svd = U S^p V^T by "
+           "torch.linalg.svd in fp32 (slow reference)")
+    a("--adjust_lr", choices=list(LR_ADJUST), default="spectral_norm",
+      help="per-matrix LR factor s of W <- W - lr s O: spectral_norm = sqrt(out/in); rms_norm = 0.2 sqrt(max(out, in))")
+    a("--scalar_opt", choices=["adamw", "lion"], default="adamw",
+      help="optimizer of embedding and lm_head next to the Muon family (lion: betas 0.9/0.95, --scalar_lr, no wd)")
+    a("--kernels", choices=["auto", "triton", "torch"], default="auto",
+      help="fused Triton kernels (Newton-Schulz / Fast-Spectral, QK RMSNorm + RoPE, cross-entropy) or the plain "
+           "torch reference ops; auto = triton on CUDA")
+    a("--no_triton", action="store_true", help="the paper's spelling of --kernels torch")
     # run
     a("--seed", type=int, default=0, help="seed of the initialisation")
+    a("--data_seed", type=int, default=None,
+      help="shuffle the order of training batches (shards and windows in them) with this seed; default: the "
+           "shards in order, as the paper")
     a("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     a("--no_compile", action="store_true", help="do not torch.compile the model (always off on CPU)")
-    a("--loss_chunk", type=int, default=0,
-      help="compute lm_head + cross-entropy this many tokens at a time, so the full fp32 logits of a "
-           "micro-batch are never held (same math); 0 = all at once")
     a("--attention", choices=list(SDPA_BACKENDS), default="auto",
       help="scaled_dot_product_attention backend; auto = PyTorch's choice")
     a("--ddp_bucket_mb", type=float, default=DDP_BUCKET_MB,
@@ -154,7 +163,16 @@ def build_arg_parser():
            "Changes the numerics: off by default")
     a("--log_dir", default="logs", help="folder of <run_name>.txt and <run_name>.jsonl")
     a("--run_name", default=None, help="default: <optimizer>_<model>_<date-time>")
-    a("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
+    a("--wandb", action="store_true", help="also log to Weights & Biases (pip install wandb)")
+    a("--no_wandb", action="store_true", help="do not log to Weights & Biases (the default; the paper's flag)")
+    a("--wandb_project_name", default="dynmuon-speedrun", help="Weights & Biases project")
+    a("--wandb_job_name", default=None, help="Weights & Biases run name; default: --run_name")
+    a("--fs_size", type=int, default=None,
+      help="the paper's fully-sharded mesh size: only 1 (this trainer is data-parallel; use torchrun's processes)")
+    a("--tp_size", type=int, default=None,
+      help="the paper's tensor-parallel mesh size: only 1 (this trainer is data-parallel)")
+    a("--dp_size", type=int, default=None,
+      help="the paper's data-parallel size: must equal the number of processes if given")
     a("--dry_run", action="store_true", help="check the flags (for WORLD_SIZE processes, as torchrun sets it), "
       "print the resolved configuration and parameter count, then exit")
     a("--target_loss", type=float, default=None, help="report at each evaluation whether this val loss is reached")
@@ -193,11 +211,12 @@ def resolve_config(argv=None):
         args.micro_batch_size = default_micro_batch(args.model, args.device, args.device_batch_size, rank_batch)
     if args.run_name is None and args.resume is None:
         args.run_name = default_run_name(args)
-    if args.ce_backend == "auto" and (args.loss_chunk or FP8_SCOPES[args.fp8][0]):
-        args.ce_backend = "torch"  # both compute the loss their own way
-    for backend in ("ns_backend", "qk_backend", "ce_backend"):
-        if getattr(args, backend) == "auto":
-            setattr(args, backend, "triton" if (args.device == "cuda" and triton is not None) else "torch")
+    if args.no_triton:
+        if args.kernels == "triton":
+            raise ConfigError("--no_triton contradicts --kernels triton: give one")
+        args.kernels = "torch"
+    if args.kernels == "auto":
+        args.kernels = "triton" if (args.device == "cuda" and triton is not None) else "torch"
     validate_flags(args)
     return args
 
@@ -230,9 +249,6 @@ def validate_flags(args, world_size=1):
     for name in ("batch_size", "device_batch_size", "micro_batch_size", "sequence_length", "num_iterations",
                  "val_loss_every", "val_tokens", "model_dim", "n_layer", "n_head", "vocab_size"):
         need(getattr(args, name) > 0, f"--{name} must be positive, got {getattr(args, name)}")
-    need(args.loss_chunk >= 0, f"--loss_chunk must be >= 0 (0 = off), got {args.loss_chunk}")
-    need(args.loss_chunk == 0 or not FP8_SCOPES[args.fp8][0], "--loss_chunk computes lm_head in bf16: it cannot "
-         "be combined with --fp8 all (use --loss_chunk 0 or --fp8 blocks)")
     need(args.batch_size % (args.device_batch_size * world_size) == 0,
          f"--batch_size {args.batch_size} must be a multiple of --device_batch_size {args.device_batch_size} "
          f"x {world_size} processes: change one of them")
@@ -247,8 +263,10 @@ def validate_flags(args, world_size=1):
          "--n_kv_head and --mlp_hidden are for --arch qwen; the gpt block has n_kv_head = n_head, 4d MLP")
     need(0 <= args.warmup_ratio and 0 <= args.warmdown_ratio and args.warmup_ratio + args.warmdown_ratio <= 1,
          "--warmup_ratio and --warmdown_ratio must be >= 0 and sum to at most 1")
-    need(args.dynmuon_tau > 0 and args.dynmuon_w > 0, "--dynmuon_tau and --dynmuon_w must be > 0")
-    need(args.dynmuon_pmin <= args.dynmuon_pmax, "--dynmuon_pmin must not exceed --dynmuon_pmax")
+    need(args.dynmuon_tau > 0 and args.dynmuon_w > 0,
+         f"--dynmuon_tau and --dynmuon_w must be > 0, got {args.dynmuon_tau} and {args.dynmuon_w}")
+    need(args.dynmuon_pmin <= args.dynmuon_pmax,
+         f"--dynmuon_pmin {args.dynmuon_pmin} must not exceed --dynmuon_pmax {args.dynmuon_pmax}")
     need(-1 <= args.dynmuon_pmin and args.dynmuon_pmax <= 1,
          "--dynmuon_pmin/--dynmuon_pmax must lie in [-1, 1] (the Taylor correction is only sane there)")
     need(args.val_tokens >= world_size * args.sequence_length,
@@ -256,7 +274,12 @@ def validate_flags(args, world_size=1):
          f"{args.sequence_length} = {world_size * args.sequence_length}); raise --val_tokens")
     need(args.device == "cpu" or torch.cuda.is_available(),
          "--device cuda asked for but no CUDA GPU is visible: use --device cpu or check CUDA_VISIBLE_DEVICES")
-    need(args.lr > 0 and args.scalar_lr > 0 and 0 <= args.mu < 1, "--lr, --scalar_lr must be > 0 and 0 <= --mu < 1")
+    need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    need(args.scalar_lr > 0, f"--scalar_lr must be > 0, got {args.scalar_lr}")
+    need(0 <= args.mu < 1, f"--mu must lie in [0, 1), got {args.mu}")
+    need(args.weight_decay >= 0 and args.lr * args.weight_decay < 1,
+         f"--weight_decay must be >= 0 with --lr x --weight_decay < 1 (W is multiplied by 1 - lr wd each step), "
+         f"got --weight_decay {args.weight_decay} at --lr {args.lr}")
     need(args.checkpoint_freq >= 0 and args.keep_checkpoints >= 1,
          "--checkpoint_freq must be >= 0 and --keep_checkpoints >= 1")
     need(args.resume is None or args.resume == "auto" or Path(args.resume).is_file(),
@@ -269,11 +292,16 @@ def validate_flags(args, world_size=1):
     need(args.fp8 == "none" or args.device == "cpu" or torch.cuda.get_device_capability() >= (8, 9),
          "--fp8 needs an FP8 tensor-core GPU (compute capability 8.9+: H100, H200, L40, RTX 4090): "
          "use --fp8 none on this GPU")
-    need(args.ce_backend == "torch" or not (args.loss_chunk or FP8_SCOPES[args.fp8][0]),
-         "--ce_backend triton cannot be combined with --loss_chunk or --fp8 all: use --ce_backend torch")
-    for backend in ("ns_backend", "qk_backend", "ce_backend"):
-        need(getattr(args, backend) == "torch" or (triton is not None and (args.device == "cuda" or TRITON_INTERPRET)),
-             f"--{backend} triton needs triton and a CUDA device (or TRITON_INTERPRET=1): use --{backend} torch")
+    need(args.kernels == "torch" or (triton is not None and (args.device == "cuda" or TRITON_INTERPRET)),
+         "--kernels triton needs triton and a CUDA device (or TRITON_INTERPRET=1): use --kernels torch")
+    need(not (args.wandb and args.no_wandb), "--wandb and --no_wandb contradict each other: give one")
+    for mesh in ("fs_size", "tp_size"):
+        need(getattr(args, mesh) in (None, 1), f"--{mesh} {getattr(args, mesh)}: this trainer has no sharded or "
+             f"tensor-parallel mesh; drop --{mesh} and run data-parallel with torchrun --nproc_per_node=N "
+             f"(the global batch and the math stay the same)")
+    need(args.dp_size in (None, world_size), f"--dp_size {args.dp_size} but {world_size} processes: drop --dp_size "
+         f"(torchrun --nproc_per_node sets the data-parallel size)")
+    need(args.data_seed is None or args.data_seed >= 0, f"--data_seed must be >= 0, got {args.data_seed}")
 
 
 def fp8_unfit_dims(args):
@@ -319,7 +347,7 @@ def make_p_schedule(args):
 
 
 # -----------------------------------------------------------------------------
-# Kernels: Newton-Schulz and the spectral transforms, batched over same-shape matrices
+# Optimizer math: Newton-Schulz and spectral shaping, plain torch, batched over same-shape wide matrices
 
 NS_COEFFS = (
     (4.0848, -6.8946, 2.9270),
@@ -331,69 +359,554 @@ NS_COEFFS = (
 ANCHOR_RAW = 0.25  # p >= this: the update is the momentum matrix itself
 
 
-def newton_schulz(G, fused=False):
+def newton_schulz(G):
     """Polar factor of each wide matrix in G [..., m, n] (m <= n) by 5 bf16 iterations.
 
     Returns (X, gram): X approximates U V^T, gram = Xn Xn^T of the first iteration, which
-    Fast-Spectral reuses. fused: the Triton kernels below (same roundings, CUDA or interpreter)."""
+    Fast-Spectral reuses."""
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     gram = None
     for a, b, c in NS_COEFFS:
-        A = gram_xxt(X) if fused else X @ X.mT
+        A = X @ X.mT
         if gram is None:
             gram = A
-        if fused:
-            X = ns_update(ns_poly(A, b, c), X, a)
-        else:
-            B = b * A + c * (A @ A)
-            X = a * X + B @ X
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
     return X, gram
 
 
-def fast_spectral(U, p, fused=False):
-    """Fast-Spectral(U, p) for wide U [..., m, n]: |U|_F^p (I + dE + g E^2) NS(U), d = p/2,
-    g = d(d-1)/2, E = Un Un^T - I: a second-order Taylor expansion of (Un Un^T)^(p/2)."""
-    norm = U.float().norm(dim=(-2, -1), keepdim=True)
-    Y, gram = newton_schulz(U, fused)
+def taylor_coeffs(p):
+    """(d, g) of Fast-Spectral's C = I + d E + g E^2: d = p/2, g = d(d-1)/2."""
     d = p / 2
-    g = 0.5 * d * (d - 1)
-    if fused:  # C Y = (1 - d + g) Y + P Y, P = (d - 2g) A + g A^2. A's eigenvalues sum to 1, so P Y is a small
-        # term: bf16 P (bf16 MMA, fp32 accumulate) costs less accuracy than a tf32 product with C would
-        P = ns_poly(gram, d - 2 * g, g, torch_rounding=False)
-        return ns_update(P, Y, 1 - d + g, scale=norm.pow(p), torch_rounding=False)
+    return d, 0.5 * d * (d - 1)
+
+
+def scalar_factor(p):
+    """c0 = 1 - d + g: Fast-Spectral's C when A = Un Un^T is 0, i.e. E = -I. A's eigenvalues sum to 1, so for
+    a matrix with many significant directions A is small and C is close to c0 I."""
+    d, g = taylor_coeffs(p)
+    return 1 - d + g
+
+
+def fast_spectral(U, p, ns=newton_schulz):
+    """Fast-Spectral(U, p) for wide U [..., m, n]: |U|_F^p (I + dE + g E^2) NS(U), E = Un Un^T - I: a
+    second-order Taylor expansion of (Un Un^T)^(p/2)."""
+    norm = U.float().norm(dim=(-2, -1), keepdim=True)
+    Y, gram = ns(U)
+    d, g = taylor_coeffs(p)
     eye = torch.eye(U.size(-2), device=U.device, dtype=torch.float32)
     E = gram.float() - eye
     C = eye + d * E + g * (E @ E)
     return (norm.pow(p) * (C @ Y.float())).bfloat16()
 
 
-def svd_spectral(U, p):
-    """Exact spectral shaping U S^p V^T in fp32; zero singular values stay zero."""
+def scalar_spectral(U, p, ns=newton_schulz):
+    """--spectral scalar: c0 |U|_F^p NS(U), Fast-Spectral with A replaced by 0 (no reshaping of directions,
+    only a per-matrix step size that grows as |U|_F shrinks)."""
+    norm = U.float().norm(dim=(-2, -1), keepdim=True)
+    return (scalar_factor(p) * norm.pow(p) * ns(U)[0].float()).bfloat16()
+
+
+def polar_spectral(U, p, ns=newton_schulz):
+    """--spectral polar: plain NS for p < 0, so DynMuon is the raw-momentum phase followed by Muon."""
+    return ns(U)[0]
+
+
+def svd_spectral(U, p, ns=None):
+    """Exact spectral shaping U S^p V^T by SVD in fp32 (slow reference); singular values below 1e-7 of
+    the largest are treated as zero and stay zero."""
     u, s, vh = torch.linalg.svd(U.float(), full_matrices=False)
     s_p = torch.where(s > s.amax(-1, keepdim=True) * 1e-7, s.clamp_min(1e-30).pow(p), torch.zeros_like(s))
     return ((u * s_p.unsqueeze(-2)) @ vh).bfloat16()
 
 
-def spectral_transform(U, p, spectral="taylor", fused=False):
+# --spectral exact: U S^p V^T = (X X^T)^((p-1)/2) X without an SVD. f(l) = l^-a, a = (1 - p)/2, as a sum of
+# resolvents from a quadrature of the Stieltjes integral
+#     l^-a = sin(pi a)/pi * int_R e^((1-a)u) / (e^u + l) du        (0 < a <= 1),
+# so f(A) = sum_k w_k (A + tau_k I)^-1: one batched float64 Cholesky per pole, no eigensolver, no iteration.
+EXACT_FLOOR = 1e-7  # sigma / sigma_max below which exact_spectral rolls the output off to 0, as svd_spectral zeroes it
+EXACT_STEP = 2.0    # quadrature step in log t: relative error of the rational approximation <= 2.1e-4
+
+
+def stieltjes_poles(a, lo, hi, h=EXACT_STEP, tau_min=None):
+    """Poles tau_k > 0 and weights w_k > 0 with sum_k w_k / (x + tau_k) ~ x^-a on [100 lo, hi / 10], 0 < a <= 1.
+
+    Trapezoid rule of step h in u = log t on the Stieltjes integral above, nodes from lo to >= hi; the
+    discretisation error is ~exp(-2 pi^2 / h) (poles of the integrand at distance pi from the real axis):
+    max relative error 2.1e-4 at h = 2, 5e-5 at h = 1.75, 8e-6 at h = 1.5 (measured over a in [0.5, 1]).
+    Each infinite tail of nodes is lumped into one pole matching its first two moments, which leaves a
+    relative error O((t/x)^2) for the tail below (above) x. tau_min (default lo / 100) keeps the lumped
+    low pole off zero when a -> 1, where the integral's mass collapses to t = 0."""
+    b = 1.0 - a
+    c = math.sin(math.pi * a) / math.pi
+    u0, n = math.log(lo), math.ceil((math.log(hi) - math.log(lo)) / h)
+    us = [u0 + k * h for k in range(n + 1)]
+    taus = [math.exp(u) for u in us]
+    ws = [c * h * math.exp(b * u) for u in us]
+    # low tail u_k = u0 - j h, j >= 1: s0 = sum w_k (-> 1 as a -> 1), s1 = sum w_k t_k
+    s0 = 1.0 if b * h < 1e-12 else (math.sin(math.pi * b) / math.pi) * h * math.exp(b * u0) / math.expm1(b * h)
+    s1 = c * h * math.exp((1 + b) * u0) / math.expm1((1 + b) * h)
+    taus.insert(0, max(s1 / s0, lo / 100 if tau_min is None else tau_min))
+    ws.insert(0, s0)
+    # high tail u_k = u_n + j h: w/t ~ 1/t_k - x/t_k^2; s1 = sum w/t, s2 = sum w/t^2; pole s1/s2, weight s1^2/s2
+    un = us[-1]
+    s1 = c * h * math.exp((b - 1) * un) / math.expm1((1 - b) * h)
+    s2 = c * h * math.exp((b - 2) * un) / math.expm1((2 - b) * h)
+    taus.append(s1 / s2)
+    ws.append(s1 * s1 / s2)
+    return taus, ws
+
+
+def lambda_max(A, iters=12):
+    """Largest eigenvalue of each symmetric PSD A [..., m, m] by power iteration (a lower bound, close)."""
+    m = A.size(-1)
+    v = torch.cos(torch.arange(m, device=A.device, dtype=A.dtype) * 0.7) + 1.5  # fixed, no RNG state used
+    v = v.expand(A.shape[:-1]).unsqueeze(-1)
+    for _ in range(iters):
+        v = A @ v
+        v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-300)
+    rq = (v.mT @ A @ v).squeeze(-1)  # [..., 1]
+    tr = A.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) / m
+    return torch.maximum(rq, tr).clamp_min(1e-300).unsqueeze(-1)  # [..., 1, 1]
+
+
+def resolvent_sum(M, taus, ws, chunk_bytes=1 << 30):
+    """F = sum_k w_k (M + tau_k I)^-1 for symmetric PSD M [..., m, m] (float64): batched Cholesky per pole,
+    L^-1 by a triangular solve, (M + tau I)^-1 = L^-T L^-1. Poles go in chunks of ~chunk_bytes."""
+    m = M.size(-1)
+    eye = torch.eye(m, device=M.device, dtype=M.dtype)
+    per = max(1, chunk_bytes // max(1, M.numel() * M.element_size()))
+    F = torch.zeros_like(M)
+    for i in range(0, len(taus), per):
+        t = torch.tensor(taus[i:i + per], device=M.device, dtype=M.dtype).view(-1, *([1] * M.dim()))
+        w = torch.tensor(ws[i:i + per], device=M.device, dtype=M.dtype).view(-1, *([1] * M.dim()))
+        L = torch.linalg.cholesky_ex(M.unsqueeze(0) + t * eye)[0]  # no sync; PD by construction (tau > 0)
+        Li = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+        F = F + ((w * Li).mT @ Li).sum(0)
+    return F
+
+
+def exact_spectral(X, p, ns=None, floor=EXACT_FLOOR, h=EXACT_STEP, out_dtype=torch.bfloat16):
+    """U S^p V^T for wide X [..., m, n] (m <= n), -1 <= p < 1, as (X X^T)^((p-1)/2) X in float64.
+
+    Method: A = X X^T in float64 (the Gram's squared condition number costs nothing at u = 1.1e-16), scaled
+    by its top eigenvalue (power iteration); f(A) = sum_k w_k (A + tau_k I)^-1 from stieltjes_poles over
+    [floor^2, 10] (21 poles at h = 2: 21 batched float64 Cholesky factorisations + triangular inverses);
+    D = f(A) X. Only matmuls, Cholesky and triangular solves: batched, no iteration count that depends on X.
+    Floor (floor = 1e-7): each singular value s gets s^p to relative error <= 2.1e-4 for s >= 10 floor s_max
+    (the quadrature bound; float64 rounding of the Gram adds ~ sqrt(n) u / (s/s_max)^2: 1e-6 at s = 1e-5
+    s_max, ~1e-2 at s = 1e-6 s_max; a floor of 1e-5 would need 16 poles instead of 21), <= 1.1e-3 for
+    s >= 3 floor s_max, <= 1e-2 for s >= floor s_max. Below, the output s f(s^2) rolls off (half of s^p near
+    s = 0.1 floor s_max) to 0 with s, f being bounded by sum w_k / tau_k: zero singular values give zero, like
+    svd_spectral (which keeps s^p down to 1e-7 s_max). Returned in out_dtype (bf16: the rounding, unit
+    roundoff 2^-8, dominates: rel. Frobenius error ~1.7e-3 vs a float64 SVD, <= 2^-8 + 2.1e-4)."""
+    assert -1.0 <= p < 1.0, p
+    X64 = X.double()
+    A = X64 @ X64.mT
+    lam = lambda_max(A)
+    a = (1.0 - p) / 2
+    taus, ws = stieltjes_poles(a, floor * floor, 10.0, h)
+    F = resolvent_sum(A / lam, taus, ws)
+    return (lam.pow(-a) * (F @ X64)).to(out_dtype)
+
+
+NEGATIVE_STAGES = {  # --spectral: the transform of the p < 0 stage, f(U, p, ns)
+    "taylor": fast_spectral, "scalar": scalar_spectral, "polar": polar_spectral, "exact": exact_spectral,
+    "svd": svd_spectral,
+}
+
+
+def spectral_transform(U, p, negative=fast_spectral, ns=newton_schulz):
     """The stage-wise operator of DynMuon (positive anchoring) on a batch of wide bf16 matrices."""
     if p >= ANCHOR_RAW:
         return U
     if p >= 0:
-        return newton_schulz(U, fused)[0]
-    return fast_spectral(U, p, fused) if spectral == "taylor" else svd_spectral(U, p)
+        return ns(U)[0]
+    return negative(U, p, ns)
 
 
-# Fused Triton kernels (fp32 accumulation) for the batched NS steps; CPU-testable under TRITON_INTERPRET=1.
+def direction_factor(U, out, p, spectral):
+    """Per matrix of the stack, the factor by which the update O multiplies NS(U)'s directions on average
+    (what scales lr sqrt(out/in)): the raw stage |U|_F / sqrt(m) (U's RMS singular value), the NS stage and
+    `polar` 1, `taylor` and `scalar` c0 |U|_F^p (Fast-Spectral's scalar part), `exact`/`svd` |O|_F / sqrt(m)."""
+    m = U.size(-2)
+    if p >= ANCHOR_RAW:
+        return U.float().norm(dim=(-2, -1)) / math.sqrt(m)
+    if p >= 0 or spectral == "polar":
+        return torch.ones(U.shape[:-2], device=U.device)
+    if spectral in ("taylor", "scalar"):
+        return scalar_factor(p) * U.float().norm(dim=(-2, -1)).pow(p)
+    return out.float().norm(dim=(-2, -1)) / math.sqrt(m)
+
+
+# -----------------------------------------------------------------------------
+# Optimizers
+
+def as_wide(w):
+    """A [..., out, in] tensor as a stack [k, rows <= cols] of its matrices, transposed if tall."""
+    w = w.reshape(-1, *w.shape[-2:])
+    return w.mT if w.size(-2) > w.size(-1) else w
+
+
+LR_ADJUST = {  # --adjust_lr: the factor s of W <- W - lr s O for a matrix [out, in]
+    "spectral_norm": lambda fan_out, fan_in: math.sqrt(fan_out / fan_in),  # O's spectral norm ~ sqrt(out/in)
+    "rms_norm": lambda fan_out, fan_in: 0.2 * math.sqrt(max(fan_out, fan_in)),  # O's RMS ~ AdamW's, 0.2
+}
+
+
+class DynMuon(torch.optim.Optimizer):
+    """Muon family for hidden matrices: DynMuon (p schedule), Muon (p = 0), NorMuon (normuon=True).
+
+    A parameter of shape [..., out, in] is a stack of independent matrices. Per step:
+    M <- mu M + G; U = bf16(mu M + G); O = transform(U); W <- W (1 - lr wd) - lr sqrt(out/in) O.
+    Under torch.distributed every rank holds the averaged gradients and all momenta; the
+    transforms of each same-shape group are split across ranks and all-gathered."""
+
+    def __init__(self, params, lr, mu, weight_decay, p_schedule, spectral="taylor", normuon=False, fused=False,
+                 adjust_lr="spectral_norm"):
+        super().__init__(params, dict(lr=lr, mu=mu, weight_decay=weight_decay, step=0))
+        self.p_schedule, self.spectral, self.normuon, self.lr_scale = p_schedule, spectral, normuon, LR_ADJUST[adjust_lr]
+        self.ns = newton_schulz_fused if fused else newton_schulz
+        self.negative = (FUSED_NEGATIVE_STAGES if fused else NEGATIVE_STAGES)[spectral]
+        self.last_p = None
+        self.last_factor = None  # direction_factor of every matrix at the last step (fp32, on the device)
+
+    def _shape_groups(self):
+        """(group, parameters) per param group and wide shape of the parameters' matrices."""
+        groups = {}
+        for i, group in enumerate(self.param_groups):
+            for w in group["params"]:
+                m, n = w.shape[-2:]
+                groups.setdefault((i, min(m, n), max(m, n)), (group, []))[1].append(w)
+        return groups.values()
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            group["step"] += 1
+        p = self.last_p = self.p_schedule(self.param_groups[0]["step"])
+        launched = []  # every shape group's transform is started (and its all-gather in flight) before any waits
+        for group, params in self._shape_groups():
+            updates = self._nesterov_updates(params, group["mu"])
+            wide = torch.cat([as_wide(u) for u in updates]).bfloat16()
+            launched.append((group, params, wide, *self._distributed_transform(wide, p)))
+        factors = []
+        for group, params, wide, out, gather in launched:
+            if gather is not None:
+                gather.wait()
+            factors.append(direction_factor(wide, out, p, self.spectral))
+            out = out.to(params[0].dtype)
+            updates = [(o.mT if w.size(-2) > w.size(-1) else o).reshape(w.shape)
+                       for w, o in zip(params, out.split([w[..., 0, 0].numel() for w in params]))]
+            if self.normuon:
+                updates = [self._normalize_rows(w, o) for w, o in zip(params, updates)]
+            self._apply_updates(params, updates, group)
+        self.last_factor = torch.cat(factors)
+
+    def _nesterov_updates(self, params, mu):
+        """M <- mu M + G for each parameter; returns the Nesterov updates mu M + G (fp32)."""
+        for w in params:
+            if "momentum" not in self.state[w]:
+                self.state[w]["momentum"] = torch.zeros_like(w, dtype=torch.float32)
+        momenta, grads = [self.state[w]["momentum"] for w in params], [w.grad.float() for w in params]
+        torch._foreach_mul_(momenta, mu)
+        torch._foreach_add_(momenta, grads)
+        updates = torch._foreach_mul(momenta, mu)
+        torch._foreach_add_(updates, grads)
+        return updates
+
+    def _apply_updates(self, params, updates, group):
+        """W <- W (1 - lr wd) - lr s O with s = lr_scale(out, in), one foreach call per distinct s."""
+        lr = group["lr"]
+        by_scale = {}
+        for w, o in zip(params, updates):
+            by_scale.setdefault(self.lr_scale(*w.shape[-2:]), []).append((w, o))
+        for scale, pairs in by_scale.items():
+            ws, os_ = [w for w, _ in pairs], [o for _, o in pairs]
+            torch._foreach_mul_(ws, 1 - lr * group["weight_decay"])
+            torch._foreach_add_(ws, os_, alpha=-lr * scale)
+
+    def _distributed_transform(self, wide, p):
+        """(transformed stack, pending all-gather or None): this rank transforms its share of the stack and
+        starts gathering the others' shares asynchronously; the stack is valid once the gather is waited on."""
+        if p >= ANCHOR_RAW:  # identity: no work to split
+            return wide, None
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return spectral_transform(wide, p, self.negative, self.ns), None
+        world, rank = dist.get_world_size(), dist.get_rank()
+        count = wide.size(0)
+        per_rank = -(-count // world)
+        padded = torch.zeros(per_rank * world, *wide.shape[1:], dtype=wide.dtype, device=wide.device)
+        padded[:count] = wide
+        mine = spectral_transform(padded[rank * per_rank:(rank + 1) * per_rank], p, self.negative, self.ns)
+        gathered = torch.empty_like(padded)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        return gathered[:count], gather(gathered, mine.contiguous(), async_op=True)
+
+    def _normalize_rows(self, w, o):
+        """NorMuon: divide each output row by the RMS of its running second moment, keep |O|_F."""
+        state = self.state[w]
+        o = o.float()
+        if "row_var" not in state:
+            state["row_var"] = torch.zeros(w.shape[:-1], dtype=torch.float32, device=w.device)
+        V = state["row_var"]
+        V.lerp_(o.square().mean(dim=-1), 1 - NORMUON_BETA2)
+        norm_before = o.norm(dim=(-2, -1), keepdim=True)
+        o = o / (V.sqrt().unsqueeze(-1) + 1e-8)
+        return o * (norm_before / o.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (--scalar_opt lion): W <- W (1 - lr wd) - lr sign(b1 m + (1 - b1) g); then m <- b2 m + (1 - b2) g."""
+
+    def __init__(self, params, lr, betas, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                m = self.state[w].setdefault("exp_avg", torch.zeros_like(w))
+                direction = m.lerp(w.grad, 1 - b1).sign_()
+                w.mul_(1 - group["lr"] * group["weight_decay"]).add_(direction, alpha=-group["lr"])
+                m.lerp_(w.grad, 1 - b2)
+
+
+def build_optimizers(model, args):
+    """(Dyn)Muon/NorMuon for the hidden matrices plus AdamW (or Lion) for embedding and head, or AdamW for all.
+    Each group remembers its base lr in 'initial_lr'; the LR schedule multiplies it."""
+    matrices = model.matrices()
+    in_matrices = {id(p) for p in matrices}
+    scalars = [p for p in model.parameters() if id(p) not in in_matrices]  # embedding, head, biases, norms
+    adamw = dict(betas=ADAM_BETAS, eps=ADAM_EPS)
+    if args.optimizer == "adamw":
+        opts = [torch.optim.AdamW([dict(params=matrices, lr=args.lr, weight_decay=args.weight_decay),
+                                   dict(params=scalars, lr=args.lr, weight_decay=0.0)], **adamw)]
+    else:
+        scalar_opt = (Lion(scalars, lr=args.scalar_lr, betas=ADAM_BETAS) if args.scalar_opt == "lion" else
+                      torch.optim.AdamW(scalars, lr=args.scalar_lr, weight_decay=0.0, **adamw))
+        opts = [scalar_opt, DynMuon(matrices, lr=args.lr, mu=args.mu, weight_decay=args.weight_decay,
+                                    p_schedule=make_p_schedule(args), spectral=args.spectral,
+                                    normuon=args.optimizer == "normuon", fused=args.kernels == "triton",
+                                    adjust_lr=args.adjust_lr)]
+    for opt in opts:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return opts
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def init_linear_(weight):
+    """N(0, s^2) with s = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)) for a weight [..., out, in]."""
+    fan_out, fan_in = weight.shape[-2:]
+    nn.init.normal_(weight, std=fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in)))
+
+
+def rope(x, cos, sin):
+    """Rotary position embedding of x [B, T, H, hd] (halves rotated as pairs) from fp32 tables [>= T, hd/2]."""
+    T = x.size(1)
+    cos, sin = cos[None, :T, None, :].to(x.dtype), sin[None, :T, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Rotary(nn.Module):
+    """RoPE tables cos, sin [max_len, head_dim/2] (fp32); calling it ropes x [B, T, H, hd]."""
+
+    def __init__(self, head_dim, max_len, base=10000.0):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x):  # x: [B, T, H, hd]
+        return rope(x, self.cos, self.sin)
+
+
+def qkv_norm_rope(qkv, cos, sin):
+    """q, k RMS-normed and roped, and v, of the qkv projection [B, T, 3, H, hd]; cos, sin: fp32 [>= T, hd/2]."""
+    return rope(rms_norm(qkv[:, :, 0]), cos, sin), rope(rms_norm(qkv[:, :, 1]), cos, sin), qkv[:, :, 2]
+
+
+class CausalSelfAttention(nn.Module):
+    """GPT attention: q, k, v, o of d x d, RMS QK-norm, RoPE, causal SDPA. fused: the norm and RoPE of q and k
+    by a Triton kernel (qkv_norm_rope_fused) instead of torch ops."""
+
+    def __init__(self, dim, n_head, max_len, rope_base, linear, fused):
+        super().__init__()
+        self.n_head, self.linear = n_head, linear
+        self.norm_rope = qkv_norm_rope_fused if fused else qkv_norm_rope
+        self.qkv = nn.Parameter(torch.empty(3, dim, dim))  # q, k, v: three matrices for the optimizer
+        self.out = nn.Parameter(torch.empty(dim, dim))
+        self.rotary = Rotary(dim // n_head, max_len, rope_base)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        qkv = self.linear(x, self.qkv.flatten(0, 1)).view(B, T, 3, self.n_head, D // self.n_head)
+        q, k, v = self.norm_rope(qkv, self.rotary.cos, self.rotary.sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, linear):
+        super().__init__()
+        self.linear = linear
+        self.fc = nn.Parameter(torch.empty(hidden, dim))
+        self.proj = nn.Parameter(torch.empty(dim, hidden))
+
+    def forward(self, x):
+        return self.linear(F.relu(self.linear(x, self.fc)).square(), self.proj)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, n_head, max_len, rope_base, hidden, linear, fused):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, n_head, max_len, rope_base, linear, fused)
+        self.mlp = MLP(dim, hidden, linear)
+
+    def forward(self, x):
+        x = x + self.attn(rms_norm(x))
+        return x + self.mlp(rms_norm(x))
+
+
+class GQAttention(nn.Module):
+    """Qwen attention: grouped-query (n_kv_head shared k/v heads), q/k/v with bias, no QK-norm."""
+
+    def __init__(self, dim, n_head, n_kv_head, max_len, rope_base, linear):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
+        self.linear = linear
+        kv_dim = n_kv_head * self.head_dim
+        self.q = nn.Parameter(torch.empty(dim, dim))
+        self.kv = nn.Parameter(torch.empty(2, kv_dim, dim))  # k, v: two matrices for the optimizer
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.kv_bias = nn.Parameter(torch.zeros(2 * kv_dim))  # 1-D: a bias, so AdamW's and zero at init
+        self.out = nn.Parameter(torch.empty(dim, dim))
+        self.rotary = Rotary(self.head_dim, max_len, rope_base)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q = self.linear(x, self.q, self.q_bias).view(B, T, self.n_head, self.head_dim)
+        k, v = self.linear(x, self.kv.flatten(0, 1), self.kv_bias).view(
+            B, T, 2, self.n_kv_head, self.head_dim).unbind(2)
+        q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        return self.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden, linear):
+        super().__init__()
+        self.linear = linear
+        self.gate_up = nn.Parameter(torch.empty(2, hidden, dim))  # gate, up: two matrices
+        self.down = nn.Parameter(torch.empty(dim, hidden))
+
+    def forward(self, x):
+        gate, up = self.linear(x, self.gate_up.flatten(0, 1)).chunk(2, dim=-1)
+        return self.linear(F.silu(gate) * up, self.down)
+
+
+class QwenBlock(nn.Module):
+    def __init__(self, dim, n_head, n_kv_head, max_len, rope_base, hidden, linear):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.attn = GQAttention(dim, n_head, n_kv_head, max_len, rope_base, linear)
+        self.mlp = SwiGLU(dim, hidden, linear)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def at_least_fp32(t):
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def linear_cross_entropy(h, weight, targets, linear=F.linear):
+    """Mean cross-entropy of logits = linear(h, W) in fp32 for h [N, d], targets [N]."""
+    return F.cross_entropy(at_least_fp32(linear(h, weight)), targets)
+
+
+class GPT(nn.Module):
+    """Token embedding, blocks, final RMSNorm, untied lm_head; returns the mean cross-entropy (fp32 logits).
+    fused: the Triton QK-norm + RoPE and cross-entropy kernels; --fp8 swaps F.linear for fp8_linear."""
+
+    def __init__(self, args):
+        super().__init__()
+        dim, max_len = args.model_dim, args.sequence_length
+        fused = args.kernels == "triton"
+        head_fp8, blocks_fp8 = FP8_SCOPES[args.fp8]
+        block_linear = fp8_linear if blocks_fp8 else F.linear
+        self.embed = nn.Embedding(args.vocab_size, dim)
+        if args.arch == "qwen":
+            self.blocks = nn.ModuleList(QwenBlock(dim, args.n_head, args.n_kv_head, max_len, args.rope_base,
+                                                  args.mlp_hidden, block_linear) for _ in range(args.n_layer))
+            self.final_norm = nn.RMSNorm(dim, eps=1e-6)
+        else:
+            self.blocks = nn.ModuleList(Block(dim, args.n_head, max_len, args.rope_base, args.mlp_hidden,
+                                              block_linear, fused) for _ in range(args.n_layer))
+            self.final_norm = rms_norm
+        self.lm_head = nn.Parameter(torch.empty(args.vocab_size, dim))  # untied
+        if head_fp8:
+            self.train_loss = self.eval_loss = partial(linear_cross_entropy, linear=fp8_linear)
+        else:  # the fused loss computes its gradient in the forward: training only
+            self.train_loss = fused_linear_cross_entropy if fused else linear_cross_entropy
+            self.eval_loss = linear_cross_entropy
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for p in [*self.matrices(), self.lm_head]:
+            init_linear_(p)
+
+    def matrices(self):
+        """The hidden matrices (the Muon family's parameters); biases and norm weights are 1-D, so not."""
+        return [p for p in self.blocks.parameters() if p.ndim >= 2]
+
+    def forward(self, idx, targets):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        loss = self.train_loss if torch.is_grad_enabled() else self.eval_loss
+        return loss(self.final_norm(x).flatten(0, 1), self.lm_head, targets.reshape(-1))
+
+
+def build_model(args, device="cpu"):
+    with torch.device(device):
+        return GPT(args)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Kernels: fused Triton versions of the Newton-Schulz math and of the model's attention and loss, and FP8 matmuls
+
+# Triton kernels (fp32 accumulation), chosen once by --kernels; CPU-testable under TRITON_INTERPRET=1.
+# Newton-Schulz and Fast-Spectral (newton_schulz_fused, fast_spectral_fused), batched:
 #   _sym_kernel:    Out = alpha X X^T (+ beta X + diag I for square X): only the upper-triangle tiles
 #                   are computed, each stored twice (in place and mirrored). Gives A = X X^T and, as A is
 #                   symmetric (A A = A A^T), B = b A + c A^2 with the b A epilogue fused.
 #   _update_kernel: Out = s (a X + B X), a batched matmul with the a X and per-matrix scale fused.
 # With bf16 outputs the epilogues round each op like eager torch bf16 does, so both paths agree.
-# Also the attention's RMS QK-norm + RoPE (--qk_backend triton): _qk_norm_rope_kernel, forward or backward in
-# fp32 per head row of q or k (v: a copy), reads them in place from the qkv projection and writes its gradient
-# in place; and the loss (--ce_backend triton): _cross_entropy_kernel, per row of logits the fp32
-# cross-entropy and its gradient in one kernel (two passes over each row: online logsumexp, then the gradient).
+# The attention's RMS QK-norm + RoPE (qkv_norm_rope_fused): _qk_norm_rope_kernel, forward or backward in fp32
+# per head row of q or k (v: a copy), reads them in place from the qkv projection and writes its gradient in
+# place. The loss (fused_linear_cross_entropy): _cross_entropy_kernel, per row of logits the fp32 cross-entropy
+# and its gradient in one kernel (two passes over each row: online logsumexp, then the gradient).
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_BLOCKS = (32, 64, 4, 1) if TRITON_INTERPRET else (128, 64, 8, 3)  # BLOCK_MN, BLOCK_K, warps, stages
 QK_ROWS_PER_PROGRAM = 4 if TRITON_INTERPRET else 64  # head rows per program of _qk_norm_rope_kernel
@@ -556,7 +1069,7 @@ def _triton_args(t):
     """EMU: fp32 dots and hand-rounded bf16 stores, for the interpreter (its bf16 tl.dot and fp64 dots
     misbehave, its fp32 -> bf16 cast truncates) and for fp64 inputs."""
     if triton is None:
-        raise ConfigError("the fused kernels need triton: pip install triton, or use --ns_backend torch")
+        raise ConfigError("the fused kernels need triton: pip install triton, or use --kernels torch")
     bm, bk, warps, stages = TRITON_BLOCKS
     fp64 = t.dtype == torch.float64  # its tiles in 3 stages overflow Hopper's shared memory: 1 stage
     return dict(EMU=TRITON_INTERPRET or fp64, BM=bm, BK=bk, num_warps=warps, num_stages=1 if fp64 else stages)
@@ -608,6 +1121,32 @@ def ns_update(B, X, a, scale=None, out=None, out_dtype=None, torch_rounding=True
         B3, X3, O3, s, m, n, *B3.stride(), *X3.stride(), *O3.stride(), float(a),
         HAS_SCALE=scale is not None, RND=torch_rounding and out.dtype == torch.bfloat16, **kwargs)
     return out
+
+
+def newton_schulz_fused(G):
+    """newton_schulz by the Triton kernels: the same bf16 roundings, one triangle of each symmetric product."""
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    gram = None
+    for a, b, c in NS_COEFFS:
+        A = gram_xxt(X)
+        if gram is None:
+            gram = A
+        X = ns_update(ns_poly(A, b, c), X, a)
+    return X, gram
+
+
+def fast_spectral_fused(U, p, ns=newton_schulz_fused):
+    """fast_spectral as C Y = (1 - d + g) Y + P Y with P = (d - 2g) A + g A^2: A's eigenvalues sum to 1, so P Y
+    is a small term, and a bf16 P (bf16 MMA, fp32 accumulation) loses less than a tf32 product with C would."""
+    norm = U.float().norm(dim=(-2, -1), keepdim=True)
+    Y, gram = ns(U)
+    d, g = taylor_coeffs(p)
+    P = ns_poly(gram, d - 2 * g, g, torch_rounding=False)
+    return ns_update(P, Y, 1 - d + g, scale=norm.pow(p), torch_rounding=False)
+
+
+FUSED_NEGATIVE_STAGES = {**NEGATIVE_STAGES, "taylor": fast_spectral_fused}  # the others take the fused NS as ns
 
 
 def _head_rows(t):
@@ -699,143 +1238,28 @@ def _(logits, targets):
     return logits.new_empty(logits.size(0), dtype=torch.float32), torch.empty_like(logits)
 
 
-# -----------------------------------------------------------------------------
-# Optimizers
-
-def as_wide(w):
-    """A [..., out, in] tensor as a stack [k, rows <= cols] of its matrices, transposed if tall."""
-    w = w.reshape(-1, *w.shape[-2:])
-    return w.mT if w.size(-2) > w.size(-1) else w
-
-
-class DynMuon(torch.optim.Optimizer):
-    """Muon family for hidden matrices: DynMuon (p schedule), Muon (p = 0), NorMuon (normuon=True).
-
-    A parameter of shape [..., out, in] is a stack of independent matrices. Per step:
-    M <- mu M + G; U = bf16(mu M + G); O = transform(U); W <- W (1 - lr wd) - lr sqrt(out/in) O.
-    Under torch.distributed every rank holds the averaged gradients and all momenta; the
-    transforms of each same-shape group are split across ranks and all-gathered."""
-
-    def __init__(self, params, lr, mu, weight_decay, p_schedule, spectral="taylor", normuon=False, fused=False):
-        super().__init__(params, dict(lr=lr, mu=mu, weight_decay=weight_decay, step=0))
-        self.p_schedule, self.spectral, self.normuon, self.fused = p_schedule, spectral, normuon, fused
-        self.last_p = None
-
-    def _shape_groups(self):
-        """(group, parameters) per param group and wide shape of the parameters' matrices."""
-        groups = {}
-        for i, group in enumerate(self.param_groups):
-            for w in group["params"]:
-                m, n = w.shape[-2:]
-                groups.setdefault((i, min(m, n), max(m, n)), (group, []))[1].append(w)
-        return groups.values()
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            group["step"] += 1
-        p = self.last_p = self.p_schedule(self.param_groups[0]["step"])
-        launched = []  # every shape group's transform is started (and its all-gather in flight) before any waits
-        for group, params in self._shape_groups():
-            updates = self._nesterov_updates(params, group["mu"])
-            out, gather = self._distributed_transform(torch.cat([as_wide(u) for u in updates]).bfloat16(), p)
-            launched.append((group, params, out, gather))
-        for group, params, out, gather in launched:
-            if gather is not None:
-                gather.wait()
-            out = out.to(params[0].dtype)
-            updates = [(o.mT if w.size(-2) > w.size(-1) else o).reshape(w.shape)
-                       for w, o in zip(params, out.split([w[..., 0, 0].numel() for w in params]))]
-            if self.normuon:
-                updates = [self._normalize_rows(w, o) for w, o in zip(params, updates)]
-            self._apply_updates(params, updates, group)
-
-    def _nesterov_updates(self, params, mu):
-        """M <- mu M + G for each parameter; returns the Nesterov updates mu M + G (fp32)."""
-        for w in params:
-            if "momentum" not in self.state[w]:
-                self.state[w]["momentum"] = torch.zeros_like(w, dtype=torch.float32)
-        momenta, grads = [self.state[w]["momentum"] for w in params], [w.grad.float() for w in params]
-        torch._foreach_mul_(momenta, mu)
-        torch._foreach_add_(momenta, grads)
-        updates = torch._foreach_mul(momenta, mu)
-        torch._foreach_add_(updates, grads)
-        return updates
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits h W^T (F.linear, so bf16 under autocast; fp32 softmax). One Triton kernel
+    (cross_entropy_with_grad) gives the loss and d(loss)/d(logits) without fp32 logits; the backward is two
+    matmuls, scaled by the incoming gradient at their small outputs. Costs one more [N, V] buffer at the end
+    of the forward than F.cross_entropy (+6 GiB at 127M, micro-batch 64)."""
 
     @staticmethod
-    def _apply_updates(params, updates, group):
-        """W <- W (1 - lr wd) - lr sqrt(out/in) O, one foreach call per distinct sqrt(out/in)."""
-        lr = group["lr"]
-        by_ratio = {}
-        for w, o in zip(params, updates):
-            by_ratio.setdefault(w.size(-2) / w.size(-1), []).append((w, o))
-        for ratio, pairs in by_ratio.items():
-            ws, os_ = [w for w, _ in pairs], [o for _, o in pairs]
-            torch._foreach_mul_(ws, 1 - lr * group["weight_decay"])
-            torch._foreach_add_(ws, os_, alpha=-lr * math.sqrt(ratio))
+    def forward(ctx, h, weight, targets):
+        loss_rows, grad_logits = cross_entropy_with_grad(F.linear(h, weight), targets)
+        ctx.save_for_backward(h, weight, grad_logits)
+        return loss_rows.mean()  # fp32 (a .to() here broke the compiled bf16 model under torch 2.11 on an H200)
 
-    def _distributed_transform(self, wide, p):
-        """(transformed stack, pending all-gather or None): this rank transforms its share of the stack and
-        starts gathering the others' shares asynchronously; the stack is valid once the gather is waited on."""
-        if p >= ANCHOR_RAW:  # identity: no work to split
-            return wide, None
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return spectral_transform(wide, p, self.spectral, self.fused), None
-        world, rank = dist.get_world_size(), dist.get_rank()
-        count = wide.size(0)
-        per_rank = -(-count // world)
-        padded = torch.zeros(per_rank * world, *wide.shape[1:], dtype=wide.dtype, device=wide.device)
-        padded[:count] = wide
-        mine = spectral_transform(padded[rank * per_rank:(rank + 1) * per_rank], p, self.spectral, self.fused)
-        gathered = torch.empty_like(padded)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-        return gathered[:count], gather(gathered, mine.contiguous(), async_op=True)
-
-    def _normalize_rows(self, w, o):
-        """NorMuon: divide each output row by the RMS of its running second moment, keep |O|_F."""
-        state = self.state[w]
-        o = o.float()
-        if "row_var" not in state:
-            state["row_var"] = torch.zeros(w.shape[:-1], dtype=torch.float32, device=w.device)
-        V = state["row_var"]
-        V.lerp_(o.square().mean(dim=-1), 1 - NORMUON_BETA2)
-        norm_before = o.norm(dim=(-2, -1), keepdim=True)
-        o = o / (V.sqrt().unsqueeze(-1) + 1e-8)
-        return o * (norm_before / o.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
+    @staticmethod
+    def backward(ctx, grad_loss):
+        h, weight, grad_logits = ctx.saved_tensors
+        grad_h = (grad_logits @ weight.to(grad_logits.dtype)).float() * grad_loss
+        grad_w = (grad_logits.mT @ h.to(grad_logits.dtype)).float() * grad_loss
+        return grad_h.to(h.dtype), grad_w.to(weight.dtype), None
 
 
-def build_optimizers(model, args):
-    """(Dyn)Muon/NorMuon for the hidden matrices plus AdamW for embedding and head, or AdamW for all.
-    Each group remembers its base lr in 'initial_lr'; the LR schedule multiplies it."""
-    matrices = model.matrices()
-    in_matrices = {id(p) for p in matrices}
-    scalars = [p for p in model.parameters() if id(p) not in in_matrices]  # embedding, head, biases, norms
-    adamw = dict(betas=ADAM_BETAS, eps=ADAM_EPS)
-    if args.optimizer == "adamw":
-        opts = [torch.optim.AdamW([dict(params=matrices, lr=args.lr, weight_decay=args.weight_decay),
-                                   dict(params=scalars, lr=args.lr, weight_decay=0.0)], **adamw)]
-    else:
-        opts = [torch.optim.AdamW(scalars, lr=args.scalar_lr, weight_decay=0.0, **adamw),
-                DynMuon(matrices, lr=args.lr, mu=args.mu, weight_decay=args.weight_decay,
-                        p_schedule=make_p_schedule(args), spectral=args.spectral,
-                        normuon=args.optimizer == "normuon", fused=args.ns_backend == "triton")]
-    for opt in opts:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
-    return opts
-
-
-# -----------------------------------------------------------------------------
-# Model
-
-def rms_norm(x):
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def init_linear_(weight):
-    """N(0, s^2) with s = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)) for a weight [..., out, in]."""
-    fan_out, fan_in = weight.shape[-2:]
-    nn.init.normal_(weight, std=fan_in ** -0.5 * min(1.0, math.sqrt(fan_out / fan_in)))
+def fused_linear_cross_entropy(h, weight, targets):
+    return FusedLinearCrossEntropy.apply(h, weight, targets)
 
 
 # FP8 matmuls (--fp8): per-tensor dynamic scaling, as Hopper's torch._scaled_mm takes it
@@ -883,244 +1307,6 @@ def fp8_linear(x, weight, bias=None):
     return y if bias is None else y + bias.to(y.dtype)
 
 
-class Rotary(nn.Module):
-    def __init__(self, head_dim, max_len, base=10000.0):
-        super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, x):  # x: [B, T, H, hd]
-        T = x.size(1)
-        cos, sin = self.cos[None, :T, None, :].to(x.dtype), self.sin[None, :T, None, :].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
-class CausalSelfAttention(nn.Module):
-    """GPT attention: q, k, v, o of d x d, RMS QK-norm, RoPE, causal SDPA. qk_fused: the norm and RoPE of
-    q and k by a Triton kernel (qkv_norm_rope_fused) instead of torch ops."""
-
-    def __init__(self, dim, n_head, max_len, rope_base, linear, qk_fused):
-        super().__init__()
-        self.n_head, self.linear, self.qk_fused = n_head, linear, qk_fused
-        self.qkv = nn.Parameter(torch.empty(3, dim, dim))  # q, k, v: three matrices for the optimizer
-        self.out = nn.Parameter(torch.empty(dim, dim))
-        self.rotary = Rotary(dim // n_head, max_len, rope_base)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        qkv = self.linear(x, self.qkv.flatten(0, 1)).view(B, T, 3, self.n_head, D // self.n_head)
-        if self.qk_fused:
-            q, k, v = qkv_norm_rope_fused(qkv, self.rotary.cos, self.rotary.sin)
-        else:
-            q, k, v = self.rotary(rms_norm(qkv[:, :, 0])), self.rotary(rms_norm(qkv[:, :, 1])), qkv[:, :, 2]
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
-
-
-class MLP(nn.Module):
-    def __init__(self, dim, hidden, linear):
-        super().__init__()
-        self.linear = linear
-        self.fc = nn.Parameter(torch.empty(hidden, dim))
-        self.proj = nn.Parameter(torch.empty(dim, hidden))
-
-    def forward(self, x):
-        return self.linear(F.relu(self.linear(x, self.fc)).square(), self.proj)
-
-
-class Block(nn.Module):
-    def __init__(self, dim, n_head, max_len, rope_base, hidden, linear, qk_fused):
-        super().__init__()
-        self.attn = CausalSelfAttention(dim, n_head, max_len, rope_base, linear, qk_fused)
-        self.mlp = MLP(dim, hidden, linear)
-
-    def forward(self, x):
-        x = x + self.attn(rms_norm(x))
-        return x + self.mlp(rms_norm(x))
-
-
-class GQAttention(nn.Module):
-    """Qwen attention: grouped-query (n_kv_head shared k/v heads), q/k/v with bias, no QK-norm."""
-
-    def __init__(self, dim, n_head, n_kv_head, max_len, rope_base, linear):
-        super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
-        self.linear = linear
-        kv_dim = n_kv_head * self.head_dim
-        self.q = nn.Parameter(torch.empty(dim, dim))
-        self.kv = nn.Parameter(torch.empty(2, kv_dim, dim))  # k, v: two matrices for the optimizer
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.kv_bias = nn.Parameter(torch.zeros(2 * kv_dim))  # 1-D: a bias, so AdamW's and zero at init
-        self.out = nn.Parameter(torch.empty(dim, dim))
-        self.rotary = Rotary(self.head_dim, max_len, rope_base)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        q = self.linear(x, self.q, self.q_bias).view(B, T, self.n_head, self.head_dim)
-        k, v = self.linear(x, self.kv.flatten(0, 1), self.kv_bias).view(
-            B, T, 2, self.n_kv_head, self.head_dim).unbind(2)
-        q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
-        return self.linear(y.transpose(1, 2).reshape(B, T, D), self.out)
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, dim, hidden, linear):
-        super().__init__()
-        self.linear = linear
-        self.gate_up = nn.Parameter(torch.empty(2, hidden, dim))  # gate, up: two matrices
-        self.down = nn.Parameter(torch.empty(dim, hidden))
-
-    def forward(self, x):
-        gate, up = self.linear(x, self.gate_up.flatten(0, 1)).chunk(2, dim=-1)
-        return self.linear(F.silu(gate) * up, self.down)
-
-
-class QwenBlock(nn.Module):
-    def __init__(self, dim, n_head, n_kv_head, max_len, rope_base, hidden, linear):
-        super().__init__()
-        self.attn_norm, self.mlp_norm = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
-        self.attn = GQAttention(dim, n_head, n_kv_head, max_len, rope_base, linear)
-        self.mlp = SwiGLU(dim, hidden, linear)
-
-    def forward(self, x):
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
-
-
-def at_least_fp32(t):
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def cross_entropy_chunk(logits, targets, scale):
-    """Summed cross-entropy of one chunk of logits [n, V] (fp32 math) and scale * d(sum)/d(logits)."""
-    logits = at_least_fp32(logits)
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
-    grad = torch.exp(logits - lse[:, None]).scatter_add(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
-    return loss, grad * scale
-
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of fp32 logits h W^T, `chunk` rows at a time, so the full [tokens, vocab]
-    logits (and their gradient) never exist. The forward stores d(loss)/dh and d(loss)/dW as it goes;
-    the backward only scales them. chunk_fn: cross_entropy_chunk, possibly compiled."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk, chunk_fn):
-        n = h.size(0)
-        ctx.weight_dtype = weight.dtype
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
-        loss = torch.zeros((), dtype=grad_w.dtype, device=h.device)
-        for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
-            logits = F.linear(h[rows], weight)  # bf16 under autocast, as in the unchunked path
-            loss_sum, grad = chunk_fn(logits, targets[rows], 1.0 / n)
-            grad = grad.to(logits.dtype)
-            loss += loss_sum
-            grad_h[rows] = grad @ weight.to(grad.dtype)
-            grad_w += grad.mT @ h[rows].to(grad.dtype)
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None
-
-
-class FusedLinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits h W^T (F.linear, so bf16 under autocast; fp32 softmax). One Triton kernel
-    (cross_entropy_with_grad) gives the loss and d(loss)/d(logits) without fp32 logits; the backward is two
-    matmuls, scaled by the incoming gradient at their small outputs. Costs one more [N, V] buffer at the end
-    of the forward than F.cross_entropy (+6 GiB at 127M, micro-batch 64)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets):
-        loss_rows, grad_logits = cross_entropy_with_grad(F.linear(h, weight), targets)
-        ctx.save_for_backward(h, weight, grad_logits)
-        return loss_rows.mean()  # fp32 (a .to() here broke the compiled bf16 model under torch 2.11 on an H200)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        h, weight, grad_logits = ctx.saved_tensors
-        grad_h = (grad_logits @ weight.to(grad_logits.dtype)).float() * grad_loss
-        grad_w = (grad_logits.mT @ h.to(grad_logits.dtype)).float() * grad_loss
-        return grad_h.to(h.dtype), grad_w.to(weight.dtype), None
-
-
-def linear_cross_entropy(h, weight, targets, chunk=0, chunk_fn=cross_entropy_chunk, linear=F.linear, fused=False):
-    """Mean cross-entropy of logits = linear(h, W) in fp32 for h [N, d], targets [N]. chunk = 0: all logits
-    at once (the chunked path always uses F.linear). fused: FusedLinearCrossEntropy when gradients are on."""
-    if fused and torch.is_grad_enabled():
-        return FusedLinearCrossEntropy.apply(h, weight, targets)
-    if chunk == 0:
-        return F.cross_entropy(at_least_fp32(linear(h, weight)), targets)
-    return chunked_linear_cross_entropy(h, weight, targets, chunk, chunk_fn)
-
-
-@torch.compiler.disable  # a graph break: eager Python loop over chunks (chunk_fn may itself be compiled)
-def chunked_linear_cross_entropy(h, weight, targets, chunk, chunk_fn):
-    if torch.is_grad_enabled():
-        return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk, chunk_fn)
-    return sum(F.cross_entropy(at_least_fp32(F.linear(hc, weight)), tc, reduction="sum")
-               for hc, tc in zip(h.split(chunk), targets.split(chunk))) / h.size(0)
-
-
-class GPT(nn.Module):
-    """Token embedding, blocks, final RMSNorm, untied lm_head; returns the mean cross-entropy (fp32 logits,
-    computed loss_chunk tokens at a time if loss_chunk > 0). --fp8 swaps F.linear for fp8_linear."""
-
-    def __init__(self, args):
-        super().__init__()
-        dim, max_len = args.model_dim, args.sequence_length
-        head_fp8, blocks_fp8 = FP8_SCOPES[args.fp8]
-        block_linear = fp8_linear if blocks_fp8 else F.linear
-        self.head_linear = fp8_linear if head_fp8 else F.linear
-        self.embed = nn.Embedding(args.vocab_size, dim)
-        if args.arch == "qwen":
-            self.blocks = nn.ModuleList(QwenBlock(dim, args.n_head, args.n_kv_head, max_len, args.rope_base,
-                                                  args.mlp_hidden, block_linear) for _ in range(args.n_layer))
-            self.final_norm = nn.RMSNorm(dim, eps=1e-6)
-        else:
-            self.blocks = nn.ModuleList(Block(dim, args.n_head, max_len, args.rope_base, args.mlp_hidden,
-                                              block_linear, args.qk_backend == "triton") for _ in range(args.n_layer))
-            self.final_norm = rms_norm
-        self.lm_head = nn.Parameter(torch.empty(args.vocab_size, dim))  # untied
-        self.loss_chunk = args.loss_chunk
-        self.loss_chunk_fn = cross_entropy_chunk  # train() swaps in a compiled copy
-        self.ce_fused = args.ce_backend == "triton"
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        nn.init.normal_(self.embed.weight, std=0.02)
-        for p in [*self.matrices(), self.lm_head]:
-            init_linear_(p)
-
-    def matrices(self):
-        """The hidden matrices (the Muon family's parameters); biases and norm weights are 1-D, so not."""
-        return [p for p in self.blocks.parameters() if p.ndim >= 2]
-
-    def forward(self, idx, targets):
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x)
-        return linear_cross_entropy(self.final_norm(x).flatten(0, 1), self.lm_head, targets.reshape(-1),
-                                    self.loss_chunk, self.loss_chunk_fn, self.head_linear, self.ce_fused)
-
-
-def build_model(args, device="cpu"):
-    with torch.device(device):
-        return GPT(args)
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 # -----------------------------------------------------------------------------
@@ -1207,16 +1393,27 @@ def find_shards(data_dir):
 class TrainLoader:
     """Contiguous windows of batch_size*T+1 tokens; rank r takes its share of the window's sequences.
     Every rank walks the same shards in the same order, so the global batch does not depend on the
-    number of ranks. state() / load_state() make the position part of a checkpoint."""
+    number of ranks. With data_seed the shards of each epoch and the windows of each shard come in a
+    seeded random order (pos then counts windows taken, in tokens, as without it). state() / load_state()
+    make the position part of a checkpoint."""
 
-    def __init__(self, shards, batch_size, seq_len, rank, world_size, warn=print, vocab_size=None):
+    def __init__(self, shards, batch_size, seq_len, rank, world_size, warn=print, vocab_size=None, data_seed=None):
         self.shards, self.B, self.T, self.vocab_size = shards, batch_size, seq_len, vocab_size
-        self.rank, self.world, self.warn = rank, world_size, warn
+        self.rank, self.world, self.warn, self.data_seed = rank, world_size, warn, data_seed
         self.shard_index, self.pos, self.epoch = 0, 0, 0
         self.tokens = self._read(0)
 
+    def _rng(self, *keys):
+        return np.random.default_rng([self.data_seed, self.epoch, *keys])
+
     def _read(self, index):
-        return read_shard(self.shards[index], self.vocab_size)
+        """Tokens of the index-th shard of this epoch; with data_seed also the order of its windows."""
+        if self.data_seed is not None:
+            index = self._rng().permutation(len(self.shards))[index]
+        tokens = read_shard(self.shards[index], self.vocab_size)
+        if self.data_seed is not None:
+            self.window_order = self._rng(index).permutation(max(0, (len(tokens) - 1) // (self.B * self.T)))
+        return tokens
 
     def state(self):
         return dict(shard_index=self.shard_index, pos=self.pos, epoch=self.epoch)
@@ -1234,17 +1431,18 @@ class TrainLoader:
 
     def next_batch(self, micro_batch_size, device):
         """This rank's share of the next global batch, as a list of (x, y) micro-batches."""
-        window = self.B * self.T + 1
+        stride, window = self.B * self.T, self.B * self.T + 1
         skipped = 0
         while self.pos + window > len(self.tokens):
             self._advance_shard()
             skipped += 1
             if skipped > len(self.shards):
                 raise DataError(f"no shard holds {window} tokens (one global batch + 1); use smaller batches")
+        base = self.pos if self.data_seed is None else int(self.window_order[self.pos // stride]) * stride
         per_rank = self.B // self.world
-        start = self.pos + self.rank * per_rank * self.T
+        start = base + self.rank * per_rank * self.T
         chunk = torch.from_numpy(self.tokens[start:start + per_rank * self.T + 1].astype(np.int64))
-        self.pos += self.B * self.T
+        self.pos += stride
         x, y = chunk[:-1].view(per_rank, self.T), chunk[1:].view(per_rank, self.T)
         return [(xs.to(device, non_blocking=True), ys.to(device, non_blocking=True))
                 for xs, ys in zip(x.split(micro_batch_size), y.split(micro_batch_size))]
@@ -1287,8 +1485,8 @@ def check_data(val_path, train_shards, args, warn):
 RESUME_NEUTRAL_FLAGS = {  # may differ between a checkpoint and the run that resumes it
     "data_dir", "device_batch_size", "micro_batch_size", "val_loss_every", "device", "no_compile", "log_dir",
     "run_name", "wandb", "dry_run", "target_loss", "record", "checkpoint_dir", "checkpoint_freq",
-    "keep_checkpoints", "resume", "ns_backend", "qk_backend", "ce_backend", "loss_chunk", "attention",
-    "fp8", "ddp_bucket_mb"}
+    "keep_checkpoints", "resume", "kernels", "no_triton", "attention", "fp8", "ddp_bucket_mb", "no_wandb",
+    "wandb_project_name", "wandb_job_name", "fs_size", "tp_size", "dp_size"}
 CODE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
@@ -1468,8 +1666,8 @@ class RunLog:
         if args.wandb:
             try:
                 import wandb
-                self.wandb = wandb.init(project="dynmuon-speedrun", name=args.run_name, config=vars(args),
-                                        resume="allow")
+                self.wandb = wandb.init(project=args.wandb_project_name, name=args.wandb_job_name or args.run_name,
+                                        config=vars(args), resume="allow")
             except ImportError:
                 print("warning: --wandb given but wandb is not installed; logging to files only", file=sys.stderr)
 
@@ -1589,6 +1787,16 @@ def evaluate(model, batches, fwd_context):
     return (total[0] / total[1]).item()
 
 
+def dynmuon_shaping(dynmuon):
+    """For the log: DynMuon's p at the last step and the mean/min/max over matrices of its direction_factor,
+    the factor its update multiplies lr sqrt(out/in) NS(U) by; {} without DynMuon."""
+    if dynmuon is None:
+        return {}
+    f = dynmuon.last_factor
+    stats = torch.stack([f.mean(), f.min(), f.max()]).tolist()
+    return dict(p=dynmuon.last_p, **dict(zip(("factor_mean", "factor_min", "factor_max"), stats)))
+
+
 def train_step(model, opts, batch, args, step, accum_scale, fwd_context):
     """One optimizer step over this rank's micro-batches; returns the summed micro-batch losses."""
     loss_sum = torch.zeros((), device=batch[0][0].device)
@@ -1633,11 +1841,12 @@ class StopFlag:
 def main(argv=None):
     args = resolve_config(argv)
     if args.dry_run:
-        validate_flags(args, int(os.environ.get("WORLD_SIZE", 1)))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        validate_flags(args, world)
         with torch.device("meta"):
-            n_params = count_parameters(build_model(args))
+            model = build_model(args)
         print(json.dumps(vars(args), indent=1))
-        print(f"parameters: {n_params:,} ({n_params / 1e6:.1f}M)")
+        print("\n".join(run_cost(args, world, model)))
         return 0
     rank, world, local = setup_distributed(args)
     try:
@@ -1651,6 +1860,25 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def run_cost(args, world, model):
+    """Lines of --dry_run: what the run will cost (parameters, tokens, accumulation, checkpoint size, time)."""
+    n_params = count_parameters(model)
+    n_matrix = sum(p.numel() for p in model.matrices())
+    state_floats = {"adamw": 2 * n_params}.get(args.optimizer, n_matrix + (2 if args.scalar_opt == "adamw" else 1)
+                                                  * (n_params - n_matrix))  # momentum; AdamW m, v; Lion m
+    tokens = args.num_iterations * args.batch_size * args.sequence_length
+    lines = [f"parameters: {n_params:,} ({n_params / 1e6:.1f}M)",
+             f"tokens: {tokens:,} ({args.num_iterations} steps x {args.batch_size} x {args.sequence_length})",
+             f"per process: {args.batch_size // world} sequences a step in {args.batch_size // (world * args.micro_batch_size)}"
+             f" micro-batches of {args.micro_batch_size} ({world} processes)",
+             f"checkpoint: {4 * (n_params + state_floats) / 2 ** 30:.2f} GiB each, {args.keep_checkpoints} kept"]
+    if args.model in H200_MS_PER_STEP and args.optimizer != "adamw":
+        hours = H200_MS_PER_STEP[args.model] * args.batch_size / 512 * args.num_iterations / world / 3.6e6
+        lines.append(f"estimated time: {hours:.1f} h on {world} H200 (measured {H200_MS_PER_STEP[args.model]} "
+                     f"ms per 512 x 1024-token step on one; assumes linear scaling, 1024 tokens a sequence)")
+    return lines
+
+
 def wrap_model(raw_model, args, world, local, compile_model):
     """DDP (several processes), then torch.compile: compiling the DDP module lets dynamo split the graph at
     gradient buckets, so each bucket's all-reduce overlaps the rest of the backward pass."""
@@ -1660,8 +1888,6 @@ def wrap_model(raw_model, args, world, local, compile_model):
                                                     bucket_cap_mb=args.ddp_bucket_mb)
     if compile_model:
         model = torch.compile(model)
-        if args.loss_chunk:
-            raw_model.loss_chunk_fn = torch.compile(cross_entropy_chunk, dynamic=False)
     return model
 
 
@@ -1678,6 +1904,10 @@ def train(args, rank, world, local):
         if args.run_name is None:
             args.run_name = ckpt_meta["config"]["run_name"]
         check_resume_compatible(args, ckpt_meta, data)
+        if ckpt_meta["step"] >= args.num_iterations:
+            say(f"{args.run_name} is finished (step {ckpt_meta['step']} in {ckpt_path}); its log is "
+                f"{Path(args.log_dir) / (args.run_name + '.txt')}: nothing to do")
+            return 0
         if ckpt_meta["code_sha256"] != CODE_SHA256:
             say(f"warning: {ckpt_path} was written by a different train_gpt.py (code hash differs)")
     elif args.run_name is None:
@@ -1694,7 +1924,7 @@ def train(args, rank, world, local):
     raw_model = build_model(args, device)
     opts = build_optimizers(raw_model, args)
     train_loader = TrainLoader(train_shards, args.batch_size, args.sequence_length, rank, world, warn=say,
-                               vocab_size=args.vocab_size)
+                               vocab_size=args.vocab_size, data_seed=args.data_seed)
     run = dict(step=0, evaluated=False, train_time_ms=0.0, timed_ms=0.0, timed_steps=0, reached_at=None)
     log_offsets = None
     if ckpt_path is not None:
@@ -1786,14 +2016,16 @@ def train(args, rank, world, local):
         if not math.isfinite(train_loss):
             raise TrainingError(f"non-finite train loss ({train_loss}) at step {step + 1}; last good checkpoint: "
                                 f"{last_ckpt or 'none (use --checkpoint_dir/--checkpoint_freq)'}")
-        p_text = f" p:{dynmuon.last_p:.4f}" if dynmuon is not None else ""
+        shaping = dynmuon_shaping(dynmuon)
+        p_text = (" p:{p:.4f} factor:{factor_mean:.4f}/{factor_min:.4f}/{factor_max:.4f}".format(**shaping)
+                  if shaping else "")
         tokens_per_s = tokens_per_step / step_ms * 1000
         log.line(f"step:{step + 1}/{T} train_loss:{train_loss:.4f} lr_mult:{mult:.4f}{p_text} "
                  f"tokens/s:{tokens_per_s:.0f}", console=False)
-        log.event("train", step=step + 1, train_loss=train_loss, lr_mult=mult,
-                  p=dynmuon.last_p if dynmuon is not None else None, tokens_per_s=tokens_per_s, step_ms=step_ms)
+        log.event("train", step=step + 1, train_loss=train_loss, lr_mult=mult, tokens_per_s=tokens_per_s,
+                  step_ms=step_ms, **shaping)
         if _progress is not None:
-            _progress.set_postfix_str(f"loss {train_loss:.3f}{p_text}")
+            _progress.set_postfix_str(f"loss {train_loss:.3f}" + (f" p {shaping['p']:.3f}" if shaping else ""))
             _progress.update(1)
     if _progress is not None:
         _progress.close()

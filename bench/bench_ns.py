@@ -1,5 +1,5 @@
 """Benchmark: the plain torch path of newton_schulz / fast_spectral (train_gpt.py) vs its fused
-Triton kernels (fused=True), batched at the DynMuon model shapes.
+Triton kernels (newton_schulz_fused / fast_spectral_fused), batched at the DynMuon model shapes.
 
     python bench/bench_ns.py              # CUDA: 127M, 601M, 1.1B shapes
     python bench/bench_ns.py --small      # tiny shapes; runs on CPU under TRITON_INTERPRET=1
@@ -21,7 +21,8 @@ import triton  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
-from train_gpt import NS_COEFFS, fast_spectral, gram_xxt, newton_schulz, ns_poly, ns_update  # noqa: E402
+from train_gpt import (NS_COEFFS, fast_spectral, fast_spectral_fused, gram_xxt, newton_schulz,  # noqa: E402
+                       newton_schulz_fused, ns_poly, ns_update)
 
 SHAPES = {
     "127M": [(96, 512, 512), (48, 512, 2048)],
@@ -72,11 +73,11 @@ def main():
         for shape in shapes:
             torch.manual_seed(0)
             G = torch.randn(shape, device=dev).bfloat16()
-            ns_ref, ns_tri = newton_schulz(G)[0], newton_schulz(G, fused=True)[0]
-            fs_ref, fs_tri = fast_spectral(G, args.p), fast_spectral(G, args.p, fused=True)
-            t = [bench(lambda: newton_schulz(G), cuda), bench(lambda: newton_schulz(G, fused=True), cuda),
+            ns_ref, ns_tri = newton_schulz(G)[0], newton_schulz_fused(G)[0]
+            fs_ref, fs_tri = fast_spectral(G, args.p), fast_spectral_fused(G, args.p)
+            t = [bench(lambda: newton_schulz(G), cuda), bench(lambda: newton_schulz_fused(G), cuda),
                  bench(lambda: fast_spectral(G, args.p), cuda),
-                 bench(lambda: fast_spectral(G, args.p, fused=True), cuda)]
+                 bench(lambda: fast_spectral_fused(G, args.p), cuda)]
             print(f"{model:6} {str(list(shape)):>18} | {t[0]:9.3f} {t[1]:9.3f} {t[0] / t[1]:6.2f}x "
                   f"{max_rel(ns_tri, ns_ref):8.2e} | {t[2]:9.3f} {t[3]:9.3f} {t[2] / t[3]:6.2f}x "
                   f"{max_rel(fs_tri, fs_ref):8.2e}")

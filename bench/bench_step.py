@@ -10,7 +10,7 @@ torch.compile, bf16 autocast, synthetic tokens) for Muon vs DynMuon, plus the sp
 
 DynMuon runs with --p_schedule fixed (p = -0.25 at every step), so every timed step takes the costly
 Fast-Spectral branch; Muon is p = 0 (Newton-Schulz). MFU is against the bf16 matmul rate measured at the
-start of the same run (8192^3, median). Transform = spectral_transform(U, p, 'taylor', fused) over the
+start of the same run (8192^3, median). Transform = spectral_transform(U, p) (fused or torch) over the
 model's matrices stacked per wide shape as DynMuon.step does, on one GPU (in a DDP step the stacks are split
 across ranks). Only rank 0 prints; the table comes last."""
 import argparse
@@ -35,9 +35,9 @@ FLOPS_FORMULA = ("FLOPs/step = 6*N*tokens + 12*n_layer*d*seq_len*tokens "
                  "(N = parameters without the embedding, lm_head included)")
 
 
-def config(model, opt, mb, world, device, ns_backend, no_compile, speed_flags=()):
+def config(model, opt, mb, world, device, kernels, no_compile, speed_flags=()):
     argv = ["--model", model, "--optimizer", opt, "--device_batch_size", str(mb), "--micro_batch_size", str(mb),
-            "--device", device, "--ns_backend", ns_backend, "--run_name", "bench", *speed_flags]
+            "--device", device, "--kernels", kernels, "--run_name", "bench", *speed_flags]
     argv += ["--p_schedule", "fixed", "--dynmuon_pmin", str(P_OF["dynmuon"])] if opt == "dynmuon" else []
     args = tg.resolve_config(argv + (["--no_compile"] if no_compile else []))
     tg.validate_flags(args, world)  # batch_size must split into world x micro-batches
@@ -88,7 +88,8 @@ def matmul_tflops(n=8192):
 
 def transform_ms(args, p, fused):
     stacks = {k: torch.randn(c, *k, device="cuda").bfloat16() for k, c in matrix_stacks(args).items()}
-    return cuda_median_ms(lambda: [tg.spectral_transform(U, p, "taylor", fused) for U in stacks.values()], reps=5)
+    ns, negative = (tg.newton_schulz_fused, tg.fast_spectral_fused) if fused else (tg.newton_schulz, tg.fast_spectral)
+    return cuda_median_ms(lambda: [tg.spectral_transform(U, p, negative, ns) for U in stacks.values()], reps=5)
 
 
 def step_bench(args, steps, warmup, world, local, say, profile_rows=0):
@@ -166,13 +167,9 @@ def main():
     ap.add_argument("--micro_batch_size", type=int, default=0,
                     help="0: the trainer's default for this GPU and number of processes "
                          "(--dry_run: for an H100)")
-    ap.add_argument("--ns_backend", choices=["triton", "torch"], default="triton", help="kernels of the step timing")
-    ap.add_argument("--qk_backend", choices=["triton", "torch"], default="triton",
-                    help="train_gpt.py --qk_backend (QK-norm + RoPE kernel)")
-    ap.add_argument("--ce_backend", choices=["auto", "torch", "triton"], default="auto",
-                    help="train_gpt.py --ce_backend (cross-entropy kernel; auto: the trainer's choice)")
+    ap.add_argument("--kernels", choices=["triton", "torch"], default="triton",
+                    help="train_gpt.py --kernels of the step timing (Triton NS, QK-norm + RoPE, cross-entropy)")
     ap.add_argument("--no_compile", action="store_true", help="time the eager model")
-    ap.add_argument("--loss_chunk", type=int, default=0, help="train_gpt.py --loss_chunk (0: full fp32 logits)")
     ap.add_argument("--attention", choices=list(tg.SDPA_BACKENDS), default="auto",
                     help="train_gpt.py --attention (SDPA backend)")
     ap.add_argument("--fp8", choices=list(tg.FP8_SCOPES), default="none",
@@ -192,11 +189,10 @@ def main():
             ap.error(f"unknown {bad}: choose from {list(known)}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = "cpu" if a.dry_run else "cuda"
-    # a dry run builds CPU configs, where the Triton paths do not run
-    ns_backend, qk_backend, ce_backend = ("torch",) * 3 if a.dry_run else (a.ns_backend, a.qk_backend, a.ce_backend)
+    kernels = "torch" if a.dry_run else a.kernels  # a dry run builds CPU configs, where Triton does not run
     rank, local = 0, 0
     if not a.dry_run:
-        rank, world, local = tg.setup_distributed(config(models[0], optims[0], 1, 1, device, ns_backend, True))
+        rank, world, local = tg.setup_distributed(config(models[0], optims[0], 1, 1, device, kernels, True))
     say = (lambda text: print(text, flush=True)) if rank == 0 else (lambda text: None)
     say(FLOPS_FORMULA)
     peak_tflops = None
@@ -209,10 +205,8 @@ def main():
         mb = a.micro_batch_size or tg.default_micro_batch(model, "cuda", DEVICE_BATCH, GLOBAL_BATCH // world,
                                                           H100_GIB if a.dry_run else None)
         for opt in optims:
-            args = config(model, opt, mb, world, device, ns_backend, a.no_compile,
-                          ["--loss_chunk", str(a.loss_chunk), "--attention", a.attention, "--fp8", a.fp8,
-                           "--qk_backend", qk_backend, "--ce_backend", ce_backend,
-                           "--ddp_bucket_mb", str(a.ddp_bucket_mb)])
+            args = config(model, opt, mb, world, device, kernels, a.no_compile,
+                          ["--attention", a.attention, "--fp8", a.fp8, "--ddp_bucket_mb", str(a.ddp_bucket_mb)])
             flops, n = flops_per_step(args)
             accum = args.batch_size // (world * mb)
             row = dict(model=model, opt=opt, micro_batch=mb, accum=accum, world=world, flops_per_step=flops,
@@ -239,14 +233,12 @@ def main():
                 ref["dynmuon"] / ref["muon"]
     if a.json and rank == 0:
         meta = dict(device=None if a.dry_run else torch.cuda.get_device_name(), world=world, torch=torch.__version__,
-                    matmul_tflops=peak_tflops, ns_backend=args.ns_backend, qk_backend=args.qk_backend,
-                    ce_backend=args.ce_backend, compile=not a.no_compile, steps=a.steps,
+                    matmul_tflops=peak_tflops, kernels=args.kernels, compile=not a.no_compile, steps=a.steps,
                     warmup=a.warmup, p_schedule="dynmuon fixed p=-0.25, muon p=0", flops_formula=FLOPS_FORMULA,
-                    loss_chunk=a.loss_chunk, attention=a.attention, fp8=a.fp8)
+                    attention=a.attention, fp8=a.fp8)
         Path(a.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     say(f"\nglobal batch 512x1024, {a.steps} timed steps (median) after {a.warmup} warm-up, "
-        f"NS backend {args.ns_backend}, QK backend {args.qk_backend}, CE backend {args.ce_backend}, "
-        f"{'eager' if a.no_compile else 'torch.compile'}, loss_chunk {a.loss_chunk}, attention {a.attention}, "
+        f"kernels {args.kernels}, {'eager' if a.no_compile else 'torch.compile'}, attention {a.attention}, "
         f"fp8 {a.fp8}; {FLOPS_FORMULA}")
     say(format_table(rows))
     if tg.is_distributed():

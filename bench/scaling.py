@@ -17,7 +17,7 @@ from pathlib import Path
 
 BENCH_STEP = Path(__file__).resolve().parent / "bench_step.py"
 PASSED_ON = ["--models", "--optimizers", "--steps", "--warmup", "--micro_batch_size", "--fp8", "--attention",
-             "--qk_backend", "--ce_backend", "--ddp_bucket_mb"]
+             "--kernels", "--ddp_bucket_mb"]
 
 
 def bench_command(nproc, json_path, passed, dry_run):

@@ -69,6 +69,6 @@ def test_scaling_efficiency_is_per_gpu_throughput_ratio():
 
 
 def test_scaling_rejects_flags_it_does_not_pass_on():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "scaling.py"), "--nproc", "2", "--loss_chunk", "8"],
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "scaling.py"), "--nproc", "2", "--bogus_flag", "8"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "not a bench_step.py flag passed on" in proc.stderr

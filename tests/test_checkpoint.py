@@ -26,6 +26,26 @@ def start(flags, nproc=1):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def kill_tree(pid):
+    """SIGKILL pid and every process below it: torchrun's workers run in sessions of their own, so killing
+    torchrun's process group leaves them running (orphaned) to finish the run."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def wait_for(path, proc, timeout=240):
     deadline = time.time() + timeout
     while not path.exists():
@@ -61,8 +81,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, tiny_data, reference
                        resume="auto", **RUN)
     proc = start(flags, nproc)
     wait_for(tmp_path / "ckpt" / "step_000012.json", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
+    time.sleep(2)  # a survivor would write its next checkpoint (every 4 steps) within this
     assert not (tmp_path / "ckpt" / "step_000024.json").exists()  # really killed mid-way
     out = run_trainer(flags, nproc=nproc)
     assert "resumed from" in out.stdout

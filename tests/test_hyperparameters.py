@@ -96,9 +96,13 @@ def test_out_of_memory_names_the_flag_to_change(monkeypatch, tmp_path, tiny_data
     (["--resume", "auto"], "needs --checkpoint_dir"),
     (["--fp8", "all", "--model_dim", "40", "--n_head", "4"], "model_dim"),
     (["--fp8", "all", "--vocab_size", "50257"], "['vocab_size'] are not"),
-    (["--fp8", "all", "--loss_chunk", "4096"], "cannot be combined with --fp8 all"),
-    (["--ce_backend", "triton", "--loss_chunk", "4096"], "--ce_backend triton cannot be combined"),
-    (["--ce_backend", "triton", "--fp8", "all"], "--ce_backend triton cannot be combined"),
+    (["--lr", "-0.01"], "--lr must be > 0, got -0.01"),
+    (["--weight_decay", "-1"], "--weight_decay must be >= 0"),
+    (["--no_triton", "--kernels", "triton"], "--no_triton contradicts --kernels triton"),
+    (["--fs_size", "2"], "--fs_size 2: this trainer has no sharded"),
+    (["--tp_size", "4"], "--tp_size 4: this trainer has no sharded"),
+    (["--dp_size", "2"], "--dp_size 2 but 1 processes"),
+    (["--wandb", "--no_wandb"], "contradict each other"),
 ])
 def test_bad_flags_exit_2_with_one_line(monkeypatch, capsys, flags, message):
     code, _, err = run_cli(monkeypatch, capsys, "--device", "cpu", *flags)
@@ -115,22 +119,17 @@ def test_each_process_needs_a_val_sequence():
         tg.validate_flags(args, world_size=8)
 
 
-def test_auto_backends_take_the_kernels_only_where_they_run(monkeypatch):
-    cpu = tg.resolve_config(["--device", "cpu"])
-    assert (cpu.ns_backend, cpu.qk_backend, cpu.ce_backend) == ("torch", "torch", "torch")
+def test_auto_kernels_are_triton_only_where_they_run(monkeypatch):
+    assert tg.resolve_config(["--device", "cpu"]).kernels == "torch"
     monkeypatch.setattr(tg, "validate_flags", lambda args, world_size=1: None)  # no GPU here to validate against
-    gpu = tg.resolve_config(["--device", "cuda", "--micro_batch_size", "64"])
-    assert (gpu.ns_backend, gpu.qk_backend, gpu.ce_backend) == ("triton", "triton", "triton")
-    for flags in (["--loss_chunk", "4096"], ["--fp8", "all"]):  # they compute the loss their own way
-        assert tg.resolve_config(["--device", "cuda", "--micro_batch_size", "64", *flags]).ce_backend == "torch"
-    assert tg.resolve_config(["--device", "cuda", "--micro_batch_size", "64", "--fp8", "blocks"]).ce_backend == "triton"
+    assert tg.resolve_config(["--device", "cuda", "--micro_batch_size", "64"]).kernels == "triton"
+    assert tg.resolve_config(["--device", "cuda", "--micro_batch_size", "64", "--no_triton"]).kernels == "torch"
 
 
-@pytest.mark.parametrize("flag", ["--ns_backend", "--qk_backend", "--ce_backend"])
-def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch, capsys, flag):
+def test_triton_kernels_on_cpu_need_the_interpreter(monkeypatch, capsys):
     monkeypatch.setattr(tg, "TRITON_INTERPRET", False)
-    code, _, err = run_cli(monkeypatch, capsys, "--device", "cpu", flag, "triton")
-    assert code == 2 and f"{flag} triton needs triton and a CUDA device" in err, err
+    code, _, err = run_cli(monkeypatch, capsys, "--device", "cpu", "--kernels", "triton")
+    assert code == 2 and "--kernels triton needs triton and a CUDA device" in err, err
 
 
 def test_bad_flag_exits_2_as_a_process():

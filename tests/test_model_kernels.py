@@ -1,5 +1,5 @@
-"""The model's Triton kernels against float64 and the torch path: the fused QK-norm + RoPE (--qk_backend
-triton) and the cross-entropy (--ce_backend triton). Without CUDA they run under the Triton interpreter
+"""The model's Triton kernels against float64 and the torch path: the fused QK-norm + RoPE and the
+cross-entropy (--kernels triton). Without CUDA they run under the Triton interpreter
 (conftest sets TRITON_INTERPRET=1)."""
 import pytest
 import torch
@@ -126,20 +126,18 @@ def test_fused_linear_cross_entropy_matches_the_torch_loss(dtype):
     weight = torch.randn(131, 16, generator=g).to(DEV, dtype).requires_grad_(True)
     targets = torch.randint(0, 131, (9,), generator=g).to(DEV)
     results = []
-    for fused_ce in (False, True):
-        loss = tg.linear_cross_entropy(h, weight, targets, fused=fused_ce)
+    for loss_fn in (tg.linear_cross_entropy, tg.fused_linear_cross_entropy):
+        loss = loss_fn(h, weight, targets)
         results.append((loss, *torch.autograd.grad(0.37 * loss, (h, weight))))  # a scaled backward, as in accumulation
     tol = 1e-5  # the kernel's math (and the loss it returns) is fp32 also for float64 inputs
     for fused_value, plain_value in zip(results[1], results[0]):
         torch.testing.assert_close(fused_value.to(dtype), plain_value, rtol=tol, atol=tol)
     assert results[1][0].dtype == torch.float32 and results[1][1].dtype == results[1][2].dtype == dtype
-    with torch.no_grad():  # evaluation takes the plain path: no gradient is written
-        assert tg.linear_cross_entropy(h, weight, targets, fused=True) == results[0][0]
 
 
-def tiny_model(backend):
-    args = tg.resolve_config(["--model", "tiny", "--vocab_size", "300", "--device", DEV, "--qk_backend", backend,
-                              "--ce_backend", backend, "--run_name", "t"])
+def tiny_model(kernels):
+    args = tg.resolve_config(["--model", "tiny", "--vocab_size", "300", "--device", DEV, "--kernels", kernels,
+                              "--run_name", "t"])
     torch.manual_seed(0)
     return tg.build_model(args, DEV)
 
@@ -147,7 +145,9 @@ def tiny_model(backend):
 @pytest.mark.parametrize("compile_model", [False, True])
 def test_model_with_the_kernels_matches_the_torch_path(compile_model):
     plain_model, fused_model = tiny_model("torch"), tiny_model("triton")
-    assert fused_model.ce_fused and fused_model.blocks[0].attn.qk_fused and not plain_model.ce_fused
+    assert fused_model.train_loss is tg.fused_linear_cross_entropy and plain_model.train_loss is tg.linear_cross_entropy
+    assert fused_model.eval_loss is tg.linear_cross_entropy  # evaluation takes the plain path: no gradient written
+    assert fused_model.blocks[0].attn.norm_rope is tg.qkv_norm_rope_fused
     g = torch.Generator().manual_seed(0)
     idx, targets = (torch.randint(0, plain_model.lm_head.size(0), (2, 24), generator=g).to(DEV) for _ in range(2))
     losses = []

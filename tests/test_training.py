@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_trainer, tiny_flags, train_losses, val_losses
+import train_gpt as tg
+from conftest import REPO, read_events, run_trainer, tiny_flags, train_losses, val_losses
 
 
 def test_tiny_run_loss_falls_and_logs(tmp_path, tiny_data):
@@ -21,7 +22,12 @@ def test_tiny_run_loss_falls_and_logs(tmp_path, tiny_data):
     assert txt.startswith((REPO / "train_gpt.py").read_text())  # the code of the run, first
     assert '"optimizer": "dynmuon"' in txt and '"python":' in txt and '"world_size": 1' in txt
     assert re.search(r"^step:30/30 val_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d\dms", txt, re.M)
-    assert re.search(r"^step:1/30 train_loss:\d+\.\d{4} lr_mult:\S+ p:0\.\d{4} tokens/s:\d+", txt, re.M)
+    assert re.search(r"^step:1/30 train_loss:\d+\.\d{4} lr_mult:\S+ p:0\.\d{4} factor:[\d.]+/[\d.]+/[\d.]+ "
+                     r"tokens/s:\d+", txt, re.M)
+    for e in (e for e in read_events(logs) if e["event"] == "train"):  # DynMuon's effective LR factor
+        assert 0 < e["factor_min"] <= e["factor_mean"] <= e["factor_max"], e
+        if 0 <= e["p"] < tg.ANCHOR_RAW:
+            assert e["factor_min"] == e["factor_max"] == 1.0  # the NS stage: Muon's step
     reached = [s for s, v in vals if v <= 5.0]
     expected = f"target:5.0000 reached_at_step:{reached[0]}" if reached else "target:5.0000 not_reached"
     assert txt.rstrip().endswith(expected)
@@ -87,12 +93,12 @@ def test_more_ranks_than_batch_allows_is_refused(tmp_path, tiny_data):
     assert "must be a multiple of --device_batch_size 4 x 2 processes" in proc.stderr
 
 
-def test_chunked_loss_two_ranks_match_plain_one_process(tmp_path, tiny_data):
-    """--loss_chunk (with a tail chunk: 32 tokens in 12s) and --attention math on 2 gloo ranks, whose
-    all-gathers of the optimizer run asynchronously, against the plain path in one process."""
+def test_two_ranks_match_plain_one_process(tmp_path, tiny_data):
+    """--attention math on 2 gloo ranks, whose all-gathers of the optimizer run asynchronously, against the
+    plain path in one process."""
     flags = dict(batch_size=4, device_batch_size=2, micro_batch_size=2, num_iterations=8)
     run_trainer(tiny_flags(tiny_data, tmp_path / "plain", **flags))
-    run_trainer(tiny_flags(tiny_data, tmp_path / "fast", loss_chunk=12, attention="math", **flags), nproc=2)
+    run_trainer(tiny_flags(tiny_data, tmp_path / "fast", attention="math", **flags), nproc=2)
     plain, fast = train_losses(tmp_path / "plain"), train_losses(tmp_path / "fast")
     assert [s for s, _ in fast] == list(range(1, 9))
     assert [v for _, v in fast] == pytest.approx([v for _, v in plain], rel=2e-3)
