@@ -10,10 +10,13 @@ the GPT-2 vocabulary, each symbol having --branching equally likely successors. 
 learns the chain reaches a loss of about ln(branching) (1.39 nats for 4) from ln(50257) = 10.8,
 and the unigram statistics alone (ln(n_symbols)) come within a few steps, so a tiny model's loss
 visibly falls. Val and train shards are consecutive pieces of one stream; same seed, same bytes.
+
+Old data is never lost: the shards are written into a temporary folder beside --out_dir and replace
+the old PREFIX_*.bin set only once all of them are written (tokenize_shards.staged_output). Exit
+status: 0 done; 2 on any error (cannot write, interrupted), reported in one line on stderr.
 """
 
 import argparse
-import glob
 import os
 import sys
 from pathlib import Path
@@ -21,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from train_gpt import EOT_TOKEN, write_shard  # noqa: E402  (shard format lives in train_gpt.py)
+sys.path.insert(0, str(REPO_ROOT / "data"))
+# the shard format and the replace-only-when-complete helper live in tokenize_shards.py
+from tokenize_shards import EOT_TOKEN, refuse_to_mix, run_reporting_errors, staged_output, write_shard  # noqa: E402
 
 
 def markov_stream(seed, n_symbols, branching, min_len, max_len, docs_per_chunk=2048):
@@ -70,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--min_doc_len", type=int, default=64, help="shortest document, in tokens after the EOT (default 64)")
     p.add_argument("--max_doc_len", type=int, default=1024, help="longest document, in tokens after the EOT (default 1024)")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete existing PREFIX_*.bin shards in --out_dir first (default: refuse to mix datasets)")
+                   help="replace existing PREFIX_*.bin shards in --out_dir once the new set is complete "
+                        "(default: refuse to mix datasets)")
     args = p.parse_args(argv)
     if args.train_shards < 0 or args.shard_tokens < 1 or args.val_tokens < 1:
         p.error("need --train_shards >= 0, --shard_tokens >= 1, --val_tokens >= 1")
@@ -83,32 +88,29 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    old = sorted(glob.glob(os.path.join(args.out_dir, f"{glob.escape(args.prefix)}_*.bin")))
-    if old and not args.overwrite:
-        print(f"error: {args.out_dir} already holds {len(old)} {args.prefix}_*.bin shards; use --overwrite or "
-              "another --out_dir", file=sys.stderr)
-        return 2
-    try:
-        for f in old:
-            os.remove(f)
-        write_shards(args)
-    except OSError as e:
-        print(f"error: cannot write shards to {args.out_dir}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    return 0
+    status, n_shards = run_reporting_errors(lambda: run(args), args.out_dir)
+    if status == 0:
+        print(f"done: {n_shards} shards in {args.out_dir}")
+    return status
 
 
-def write_shards(args):
-    os.makedirs(args.out_dir, exist_ok=True)
+def run(args):
+    refuse_to_mix(args.out_dir, args.prefix, args.overwrite)
+    with staged_output(args.out_dir, args.prefix) as staging:
+        return write_shards(args, staging)
+
+
+def write_shards(args, staging):
+    """Writes the val shard and the train shards into `staging`; returns how many."""
     stream = markov_stream(args.seed, args.n_symbols, args.branching, args.min_doc_len, args.max_doc_len)
     leftover = np.empty(0, dtype=np.uint16)
     jobs = [("val", 0, args.val_tokens)] + [("train", i, args.shard_tokens) for i in range(1, args.train_shards + 1)]
     for split, idx, n in jobs:
         toks, leftover = take(stream, n, leftover)
-        path = os.path.join(args.out_dir, f"{args.prefix}_{split}_{idx:06d}.bin")
-        write_shard(path, toks)
-        print(f"wrote {path} ({n:,} tokens)")
-    print(f"done: {len(jobs)} shards in {args.out_dir}")
+        name = f"{args.prefix}_{split}_{idx:06d}.bin"
+        write_shard(os.path.join(staging, name), toks)
+        print(f"wrote {name} ({n:,} tokens)", flush=True)  # progress; the set is moved into --out_dir at the end
+    return len(jobs)
 
 
 if __name__ == "__main__":
