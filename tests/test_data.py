@@ -141,6 +141,31 @@ def test_loader_state_round_trip(tmp_path):
     assert torch.equal(a.next_batch(2, "cpu")[0][0], b.next_batch(2, "cpu")[0][0])
 
 
+def window_starts(loader, n):
+    """First token of each of the next n global batches (make_shards writes consecutive ids across shards)."""
+    return [int(loader.next_batch(loader.B, "cpu")[0][0][0, 0]) for _ in range(n)]
+
+
+def test_data_seed_permutes_windows_and_shards_resumably(tmp_path):
+    shards = make_shards(tmp_path, [170, 170, 170])  # 5 windows of 33 tokens in each shard
+    plain = window_starts(tg.TrainLoader(shards, batch_size=2, seq_len=16, rank=0, world_size=1), 15)
+    assert plain == [o + 32 * k for o in (0, 170, 340) for k in range(5)]  # --data_seed unset: the paper's order
+    seeded = [window_starts(tg.TrainLoader(shards, batch_size=2, seq_len=16, rank=0, world_size=1, data_seed=s), 15)
+              for s in (0, 0, 1)]
+    assert seeded[0] == seeded[1] != plain and seeded[0] != seeded[2]  # deterministic per seed, differs across
+    assert sorted(seeded[0]) == sorted(plain) == sorted(seeded[2])  # each window once per epoch
+    a = tg.TrainLoader(shards, batch_size=2, seq_len=16, rank=0, world_size=1, data_seed=3)
+    window_starts(a, 7)
+    b = tg.TrainLoader(shards, batch_size=2, seq_len=16, rank=0, world_size=1, data_seed=3)
+    b.load_state(a.state())
+    assert window_starts(a, 12) == window_starts(b, 12)  # resumes mid-shard and across the epoch boundary
+    ranks = [tg.TrainLoader(shards, batch_size=2, seq_len=16, rank=r, world_size=2, data_seed=5) for r in range(2)]
+    whole = tg.TrainLoader(shards, batch_size=2, seq_len=16, rank=0, world_size=1, data_seed=5)
+    for _ in range(6):  # ranks still split one global batch
+        parts = [x for loader in ranks for x, _ in loader.next_batch(1, "cpu")]
+        assert torch.equal(torch.cat(parts), whole.next_batch(2, "cpu")[0][0])
+
+
 def test_validation_tokens_fixed_and_split_across_ranks(tmp_path):
     tg.write_shard(tmp_path / "val.bin", np.arange(1000))
     first = tg.val_batches(tmp_path / "val.bin", 96, 16, 2, rank=0, world_size=1, device="cpu")

@@ -1,4 +1,6 @@
-"""Newton-Schulz, Fast-Spectral and exact-SVD shaping against float64 references."""
+"""Newton-Schulz, Fast-Spectral, the --spectral ablations and exact shaping against float64 references."""
+import math
+
 import pytest
 import torch
 
@@ -116,3 +118,69 @@ def test_spectral_transform_anchoring(p, expected):
     reference = {"raw": U, "ns": tg.newton_schulz(U)[0], "fast": tg.fast_spectral(U, p)}[expected]
     assert torch.equal(out, reference)
     assert torch.equal(tg.spectral_transform(U, -0.3, tg.svd_spectral), tg.svd_spectral(U, -0.3))
+
+
+# ----------------------------------------------------------------------------- the --spectral ablations
+
+def test_scalar_factor_is_c0():
+    d = -0.25 / 2
+    assert tg.scalar_factor(-0.25) == pytest.approx(1 - d + 0.5 * d * (d - 1)) == pytest.approx(1.1953125)
+
+
+@pytest.mark.parametrize("p", [-0.1, -0.25, -0.5])
+def test_scalar_spectral_is_fast_spectral_with_a_zero_gram(p):
+    """--spectral scalar = Fast-Spectral with A := 0 (E = -I, C = c0 I): the same NS output, scaled."""
+    U = (3 * torch.randn(3, 16, 40, generator=torch.Generator().manual_seed(6))).bfloat16()
+    zero_gram = lambda G: (tg.newton_schulz(G)[0], torch.zeros(G.shape[:-1] + G.shape[-2:-1], dtype=G.dtype))
+    out = tg.scalar_spectral(U, p)
+    # both end in one bf16 rounding of the same fp32 value up to fp32 rounding (c0 I @ Y vs c0 Y): 1 bf16 ulp
+    assert rel_err(out, tg.fast_spectral(U, p, ns=zero_gram)) < 2 ** -8
+    norm = U.double().norm(dim=(-2, -1), keepdim=True)
+    expected = tg.scalar_factor(p) * norm ** p * tg.newton_schulz(U)[0].double()
+    assert rel_err(out, expected) < 2 ** -8  # one bf16 rounding of the exact product
+
+
+def test_polar_spectral_is_newton_schulz():
+    U = torch.randn(2, 12, 20, generator=torch.Generator().manual_seed(7)).bfloat16()
+    assert torch.equal(tg.polar_spectral(U, -0.25), tg.newton_schulz(U)[0])
+    assert torch.equal(tg.spectral_transform(U, -0.25, tg.polar_spectral), tg.newton_schulz(U)[0])
+
+
+@pytest.mark.parametrize("kind", ["random", "low_rank"])
+def test_exact_spectral_equals_svd_spectral(kind):
+    """The quadrature (float64) and the fp32 SVD give the same U S^p V^T up to the final bf16 rounding (2^-8
+    each) on full-rank and on low-rank + noise matrices (smallest s ~ 1e-3 s_max, inside both methods' range)."""
+    g = torch.Generator().manual_seed(8)
+    U = torch.randn(3, 24, 40, generator=g, dtype=torch.float64)
+    if kind == "low_rank":
+        U = torch.randn(3, 24, 4, generator=g, dtype=torch.float64) @ torch.randn(3, 4, 40, generator=g,
+                                                                                  dtype=torch.float64) + 1e-3 * U
+    U = U.bfloat16()
+    assert rel_err(tg.exact_spectral(U, -0.25), tg.svd_spectral(U, -0.25)) < 2 * 2 ** -8 + 1e-3
+
+
+def test_every_stage_runs_through_the_optimizer():
+    for name, stage in tg.NEGATIVE_STAGES.items():
+        w = torch.nn.Parameter(torch.zeros(3, 8, 12))
+        w.grad = torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(9))
+        opt = tg.DynMuon([w], lr=0.1, mu=0.0, weight_decay=0.0, p_schedule=lambda t: -0.25, spectral=name)
+        opt.step()
+        expected = -0.1 * math.sqrt(8 / 12) * stage(w.grad.bfloat16(), -0.25, tg.newton_schulz).double()
+        assert rel_err(w.detach(), expected) < 2 ** -7, name  # the update's own bf16 rounding, then fp32
+
+
+@pytest.mark.parametrize("p,spectral", [(0.6, "taylor"), (0.1, "taylor"), (-0.25, "taylor"), (-0.25, "scalar"),
+                                        (-0.25, "polar"), (-0.25, "exact")])
+def test_direction_factor(p, spectral):
+    """What multiplies NS(U)'s directions: U's RMS singular value (raw), 1 (NS, polar), c0 |U|_F^p (taylor's and
+    scalar's scalar part), the RMS singular value of the output (exact)."""
+    U = (2 * torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(10))).bfloat16()
+    out = tg.spectral_transform(U, p, tg.NEGATIVE_STAGES[spectral])
+    f = tg.direction_factor(U, out, p, spectral).double()
+    norm = U.double().norm(dim=(-2, -1))
+    expected = {"raw": norm / math.sqrt(8), "one": torch.ones(2, dtype=torch.float64),
+                "c0": tg.scalar_factor(p) * norm ** p,
+                "rms_out": out.double().norm(dim=(-2, -1)) / math.sqrt(8)}
+    key = "raw" if p >= tg.ANCHOR_RAW else "one" if p >= 0 or spectral == "polar" else (
+        "rms_out" if spectral == "exact" else "c0")
+    torch.testing.assert_close(f, expected[key], rtol=1e-5, atol=0)  # fp32 norms of the same values
