@@ -2,7 +2,7 @@
 
     python3 data/python_corpus.py --out_dir gpu_data/pycorpus --bpe_file tok/gpt2.tiktoken
 
-(in this checkout the ranks file is ../shared/tokenizer/gpt2.tiktoken). The packages n-z are kept
+(the ranks file is tiktoken's r50k_base, identical to GPT-2's). The packages n-z are kept
 out for an independent check, made later on purpose with
     python3 data/python_corpus.py --letters n-z --out_dir gpu_data/pycorpus_nz --bpe_file tok/gpt2.tiktoken
 

@@ -1,6 +1,6 @@
 """Tokenize text with the GPT-2 BPE (tiktoken) into training shards of the llm.c/modded-nanoGPT format.
 
-    python data/tokenize_shards.py INPUT... --out_dir DIR [--bpe_file ../shared/tokenizer/gpt2.tiktoken]
+    python data/tokenize_shards.py INPUT... --out_dir DIR [--bpe_file gpt2.tiktoken]
     python data/tokenize_shards.py --hf_dataset HuggingFaceFW/fineweb --hf_config sample-10BT --out_dir DIR
 
 Inputs (files, or directories searched recursively for these kinds, in sorted order):
@@ -230,7 +230,7 @@ def load_encoding(bpe_file=None):
         except Exception as e:
             errors.append(f"{name}: {type(e).__name__}")
     raise DataError("could not load the GPT-2 BPE from tiktoken (" + ", ".join(errors) + "); offline? "
-                    "pass --bpe_file ../shared/tokenizer/gpt2.tiktoken or set TIKTOKEN_CACHE_DIR")
+                    "pass --bpe_file PATH (a GPT-2 ranks file) or set TIKTOKEN_CACHE_DIR")
 
 
 _ENC = None  # this process's encoding: set once, then used by encode_doc
@@ -420,7 +420,7 @@ def parse_args(argv=None):
     p.add_argument("--hf_config", default=None, help="configuration name of --hf_dataset, e.g. sample-10BT")
     p.add_argument("--hf_split", default="train", help="split of --hf_dataset (default train)")
     p.add_argument("--bpe_file", default=None,
-                   help="GPT-2 ranks file in tiktoken format, for offline use (e.g. ../shared/tokenizer/gpt2.tiktoken); "
+                   help="GPT-2 ranks file in tiktoken format, for offline use (e.g. tok/gpt2.tiktoken); "
                         "default: tiktoken.get_encoding('gpt2'), which honours TIKTOKEN_CACHE_DIR")
     p.add_argument("--workers", type=int, default=1,
                    help="processes encoding documents in parallel (order preserved, output identical; default 1)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compare training logs by steps-to-target, the DynMuon paper's metric (SPEC.md section 4).
+"""Compare training logs by steps-to-target, the DynMuon paper's metric (docs/algorithm.md section 4).
 
     python records/compare.py LOG [LOG ...] [--reference REF] [--target LOSS] [--json | --markdown]
     python records/compare.py LOG [LOG ...] --group [--ref_variant NAME] [--vs NAME] [--target LOSS]
