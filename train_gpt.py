@@ -1,13 +1,24 @@
 """DynMuon speedrun trainer: one file, read top to bottom.
 
-Sections: hyperparameters, kernels, optimizers, model, data, checkpoints, training loop.
-Reference behaviour: SPEC.md (DynMuon, arXiv 2605.17109, on the modded-nanoGPT GPT and FineWeb).
+Sections: hyperparameters, optimizer math, optimizers, model, kernels, data, checkpoints, training loop.
+Reference behaviour: docs/algorithm.md (DynMuon, arXiv 2605.17109, on the modded-nanoGPT GPT and FineWeb).
 
     python train_gpt.py --model tiny --device cpu ...           # one process
     torchrun --standalone --nproc_per_node=8 train_gpt.py ...   # one process per GPU
+
+Exit codes (each error is one line on stderr, `error: ...`, and, once the log is open, its last line):
+    0        done (or nothing to do: the run is finished)
+    2        bad input: a flag, the data, a checkpoint, a folder that cannot be written, a run already live
+    3        training failed: non-finite loss, out of GPU or host memory
+    4        storage failed (disk full, I/O error), at the start or part-way: the last checkpoint and the log's
+             earlier lines are intact and no partial file is left; --resume auto once there is room
+    128+sig  stopped by SIGTERM/SIGINT after checkpointing (a repeat after STOP_REPEAT_GRACE_S: at once, without)
+    1        anything else is a bug: a Python traceback (its first line is the log's last line)
 """
 import argparse
 import contextlib
+import errno
+import fcntl
 from functools import partial
 import hashlib
 import itertools
@@ -15,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -62,6 +74,11 @@ NORMUON_BETA2 = 0.95
 DDP_BUCKET_MB = 200.0  # 2 x H200, 601M: 1.93x one GPU's tokens/s (torch's 25 MB: 1.79x) (bench/NOTES.md)
 H200_MS_PER_STEP = {"127M": 905, "601M": 3551, "1.1B": 6111}  # DynMuon at the defaults (bench/NOTES.md)
 STOP_REPEAT_GRACE_S = 5.0  # a stop signal repeated within this many seconds is the same request
+CPU_BATCH_DEFAULTS = dict(batch_size=8, device_batch_size=8, sequence_length=256, val_tokens=131_072)
+# --device cpu, for the flags not given: a laptop-sized step (the parser's defaults, 512 x 1024 tokens in
+# micro-batches of 64, allocate 13 GB of logits at the GPT-2 vocabulary). Unless given, --val_tokens is
+# rounded down to whole sequences on any device.
+PROGRESS_INTERVAL_S = 60.0  # stdout not a terminal (a batch job's log): a progress line at most this often
 
 
 class ConfigError(Exception):
@@ -90,22 +107,28 @@ def build_arg_parser():
     a = ap.add_argument
     # data and batch (flag names of the paper's released trainer)
     a("--data_dir", default="data/fineweb10B", help="folder of fineweb_val_*.bin / fineweb_train_*.bin shards")
-    a("--batch_size", type=int, default=512, help="global batch, in sequences per optimizer step")
+    cpu = CPU_BATCH_DEFAULTS
+    a("--batch_size", type=int, default=512,
+      help=f"global batch, in sequences per optimizer step ({cpu['batch_size']} on --device cpu unless given)")
     a("--device_batch_size", type=int, default=64,
       help="the paper's sequences per forward pass on one device: --batch_size must be a multiple of it x the "
-           "processes; the micro-batch where memory does not choose it")
+           f"processes; the micro-batch where memory does not choose it ({cpu['device_batch_size']} on "
+           f"--device cpu unless given)")
     a("--micro_batch_size", type=int, default=0,
       help="sequences per forward pass; does not change the math. 0 = on CUDA the largest that fits this GPU by "
            "the preset's measured peak memory, up to one process's share of --batch_size (see "
            "default_micro_batch), else --device_batch_size")
-    a("--sequence_length", type=int, default=1024, help="tokens per sequence")
+    a("--sequence_length", type=int, default=1024,
+      help=f"tokens per sequence ({cpu['sequence_length']} on --device cpu unless given)")
     a("--num_iterations", type=int, default=20000, help="optimizer steps T")
     a("--warmup_ratio", type=float, default=0.01, help="fraction of T with linear LR warmup")
     a("--warmdown_ratio", type=float, default=0.2, help="fraction of T with the final LR decay to 0")
     a("--lr_schedule", choices=["wsd", "cosine"], default="wsd",
       help="wsd: warmup, constant, linear decay (released code); cosine: warmup then cosine to 0")
     a("--val_loss_every", type=int, default=50, help="evaluate every N steps (also at step 0 and the last step)")
-    a("--val_tokens", type=int, default=10_485_760, help="validation tokens, the first ones of the val shard")
+    a("--val_tokens", type=int, default=10_485_760,
+      help=f"validation tokens, the first ones of the val shard; a multiple of --sequence_length "
+           f"({cpu['val_tokens']:_} on --device cpu unless given; unless given, rounded down to one)")
     # model
     a("--model", choices=list(MODEL_PRESETS), default="127M", help="size preset; explicit dims override it")
     a("--model_dim", type=int, default=None, help="width d (overrides the preset)")
@@ -191,7 +214,11 @@ def build_arg_parser():
 
 def resolve_config(argv=None):
     """Parse flags, apply presets and defaults, and check what can be checked without data."""
-    args = build_arg_parser().parse_args(argv)
+    ap = build_arg_parser()
+    parser_defaults = {name: ap.get_default(name) for name in CPU_BATCH_DEFAULTS}
+    # argparse fills in a default only where the namespace lacks the name: None here means not given (resolved
+    # below, once the device is known), while --help still prints the parser's defaults
+    args = ap.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(CPU_BATCH_DEFAULTS)))
     if args.arch is None:
         args.arch = "qwen" if args.model.startswith("qwen") else "gpt"
     for name, value in zip(("model_dim", "n_layer", "n_head"), MODEL_PRESETS[args.model]):
@@ -206,6 +233,12 @@ def resolve_config(argv=None):
         args.lr = LR_DEFAULTS[args.optimizer]
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    val_tokens_given = args.val_tokens is not None
+    for name, value in (CPU_BATCH_DEFAULTS if args.device == "cpu" else parser_defaults).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not val_tokens_given and args.sequence_length > 0:
+        args.val_tokens -= args.val_tokens % args.sequence_length
     if args.micro_batch_size == 0:
         rank_batch = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
         args.micro_batch_size = default_micro_batch(args.model, args.device, args.device_batch_size, rank_batch)
@@ -246,8 +279,10 @@ def validate_flags(args, world_size=1):
     def need(ok, msg):
         if not ok:
             raise ConfigError(msg)
+    for name, value in vars(args).items():  # nan and inf pass comparisons like lr * wd < 1 (0 * inf, ...)
+        need(not isinstance(value, float) or math.isfinite(value), f"--{name} must be a finite number, got {value}")
     for name in ("batch_size", "device_batch_size", "micro_batch_size", "sequence_length", "num_iterations",
-                 "val_loss_every", "val_tokens", "model_dim", "n_layer", "n_head", "vocab_size"):
+                 "val_loss_every", "val_tokens", "model_dim", "n_layer", "n_head", "vocab_size", "mlp_hidden"):
         need(getattr(args, name) > 0, f"--{name} must be positive, got {getattr(args, name)}")
     need(args.batch_size % (args.device_batch_size * world_size) == 0,
          f"--batch_size {args.batch_size} must be a multiple of --device_batch_size {args.device_batch_size} "
@@ -261,8 +296,24 @@ def validate_flags(args, world_size=1):
          f"--n_head {args.n_head} must be a multiple of --n_kv_head {args.n_kv_head}")
     need(args.arch == "qwen" or (args.n_kv_head == args.n_head and args.mlp_hidden == 4 * args.model_dim),
          "--n_kv_head and --mlp_hidden are for --arch qwen; the gpt block has n_kv_head = n_head, 4d MLP")
-    need(0 <= args.warmup_ratio and 0 <= args.warmdown_ratio and args.warmup_ratio + args.warmdown_ratio <= 1,
-         "--warmup_ratio and --warmdown_ratio must be >= 0 and sum to at most 1")
+    for name in ("warmup_ratio", "warmdown_ratio"):
+        need(0 <= getattr(args, name) <= 1, f"--{name} is a fraction of --num_iterations: give a value in [0, 1], "
+             f"got {getattr(args, name)}")
+    need(args.warmup_ratio + args.warmdown_ratio <= 1,
+         f"--warmup_ratio {args.warmup_ratio} and --warmdown_ratio {args.warmdown_ratio} must sum to at most 1")
+    need(args.val_tokens % args.sequence_length == 0,
+         f"--val_tokens {args.val_tokens} is not a multiple of --sequence_length {args.sequence_length}: give "
+         f"{max(args.val_tokens // args.sequence_length, 1) * args.sequence_length} (whole sequences)")
+    need(args.p_switch_step >= 0, f"--p_switch_step must be >= 0 (a step of the run), got {args.p_switch_step}")
+    need(args.rope_base > 0, f"--rope_base must be > 0, got {args.rope_base}")
+    need(args.ddp_bucket_mb > 0, f"--ddp_bucket_mb must be > 0 (megabytes of gradient per all-reduce), "
+         f"got {args.ddp_bucket_mb}")
+    need(args.target_loss is None or args.target_loss > 0,
+         f"--target_loss must be > 0 (a cross-entropy loss), got {args.target_loss}")
+    need(args.run_name is None or (args.run_name.strip(".") and "/" not in args.run_name
+                                   and os.sep not in args.run_name),
+         f"--run_name {args.run_name!r} must be a file name (no '/', not '.' or '..'): it names "
+         f"<log_dir>/<run_name>.txt")
     need(args.dynmuon_tau > 0 and args.dynmuon_w > 0,
          f"--dynmuon_tau and --dynmuon_w must be > 0, got {args.dynmuon_tau} and {args.dynmuon_w}")
     need(args.dynmuon_pmin <= args.dynmuon_pmax,
@@ -280,8 +331,12 @@ def validate_flags(args, world_size=1):
     need(args.weight_decay >= 0 and args.lr * args.weight_decay < 1,
          f"--weight_decay must be >= 0 with --lr x --weight_decay < 1 (W is multiplied by 1 - lr wd each step), "
          f"got --weight_decay {args.weight_decay} at --lr {args.lr}")
-    need(args.checkpoint_freq >= 0 and args.keep_checkpoints >= 1,
-         "--checkpoint_freq must be >= 0 and --keep_checkpoints >= 1")
+    need(args.checkpoint_freq >= 0, f"--checkpoint_freq must be >= 0 (0: only at the end), got {args.checkpoint_freq}")
+    need(args.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1 (the newest is the one to resume), "
+         f"got {args.keep_checkpoints}")
+    need(args.checkpoint_freq == 0 or args.checkpoint_dir is not None,
+         f"--checkpoint_freq {args.checkpoint_freq} without --checkpoint_dir would write no checkpoint: give "
+         f"--checkpoint_dir DIR (or drop --checkpoint_freq)")
     need(args.resume is None or args.resume == "auto" or Path(args.resume).is_file(),
          f"--resume {args.resume}: no such checkpoint file (give a .pt path or 'auto')")
     need(args.resume != "auto" or args.checkpoint_dir is not None, "--resume auto needs --checkpoint_dir")
@@ -1496,32 +1551,52 @@ class CheckpointError(Exception):
 
 class _HashingWriter:
     def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
+        self.f, self.sha, self.error = f, hashlib.sha256(), None
 
     def write(self, data):
         self.sha.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:  # torch.save turns it into a RuntimeError of its own ("file write failed")
+            self.error = e
+            raise
 
     def flush(self):
         self.f.flush()
 
 
 def atomic_write(path, write):
-    """Run write(file) into path.tmp, fsync, rename over path; returns the sha256 of the bytes."""
+    """Run write(file) into path.tmp, fsync, rename over path; returns the sha256 of the bytes. Whatever stops
+    it (disk full, a signal) removes path.tmp and leaves path as it was; an OSError becomes a StorageError."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        hashing = _HashingWriter(f)
-        write(hashing)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    hashing = None
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        with open(tmp, "wb") as f:
+            hashing = _HashingWriter(f)
+            write(hashing)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else getattr(hashing, "error", None)
+        if cause is not None:
+            raise StorageError(f"cannot write {path}: {os_error_text(cause)}") from e
+        raise
     return hashing.sha.hexdigest()
+
+
+def os_error_text(e):
+    """'No space left on device (ENOSPC)' for an OSError."""
+    name = errno.errorcode.get(e.errno)
+    return f"{e.strerror or e}" + (f" ({name})" if name else "")
 
 
 def file_sha256(path):
@@ -1537,17 +1612,118 @@ def data_fingerprint(val_path, train_shards):
     return [[Path(p).name, shard_token_count(p)] for p in [val_path, *train_shards]]
 
 
+def checkpoint_path(ckpt_dir, step):
+    return Path(ckpt_dir) / f"step_{step:06d}.pt"
+
+
 def save_checkpoint(ckpt_dir, step, payload, config, data, keep):
+    """The .pt, then its .json (sha256 of the .pt), which marks it complete; only then are the oldest beyond
+    keep removed, .json first (an interrupted removal leaves a .pt skipped as incomplete, not a stray .json).
+    A failed write leaves no partial file and the earlier checkpoints as they were (StorageError)."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    pt = ckpt_dir / f"step_{step:06d}.pt"
+    pt = checkpoint_path(ckpt_dir, step)
     sha = atomic_write(pt, lambda f: torch.save(payload, f))
     meta = dict(step=step, sha256=sha, code_sha256=CODE_SHA256, config=config, data=data, time=time.time())
-    atomic_write(pt.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
-        old.unlink()
-        old.with_suffix(".json").unlink(missing_ok=True)
+    try:
+        atomic_write(pt.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            pt.unlink(missing_ok=True)  # unusable without its .json
+        raise
+    try:
+        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
+            old.with_suffix(".json").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+    except OSError as e:
+        raise StorageError(f"cannot remove old checkpoints in {ckpt_dir}: {os_error_text(e)}") from e
     return pt
+
+
+def remove_interrupted_writes(ckpt_dir):
+    """Leftovers of a checkpoint write that was killed (SIGKILL, power loss), removed at the next start:
+    step_*.tmp files and .json files whose .pt is gone. Returns their names."""
+    ckpt_dir = Path(ckpt_dir)
+    stray = sorted([*ckpt_dir.glob("step_*.tmp"),
+                    *(j for j in ckpt_dir.glob("step_*.json") if not j.with_suffix(".pt").exists())])
+    for p in stray:
+        p.unlink(missing_ok=True)
+    return [p.name for p in stray]
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}  # a full or failing disk, not a bad path
+_held_locks = []  # descriptors of this process's run locks (not inherited by exec'd children: os.open's default)
+
+
+def claim_folder(folder, lock_name, flag, advice, say):
+    """Rank 0, before it writes anything there: create folder, write and remove a file in it, and take an
+    exclusive fcntl.flock on folder/lock_name, which then records host and pid. Another process of the same run
+    is refused (ConfigError, naming the live one). The OS drops the lock when its process ends, even by SIGKILL,
+    so there is no stale lock; the file stays. flock cannot be trusted on some network filesystems (older NFS,
+    some SMB/FUSE mounts, Lustre without -o flock): it may fail there (a warning; the run goes on unlocked) or
+    lock per host only, so two hosts both get it: keep one run per folder by hand there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+        fd = os.open(folder / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS:
+            raise StorageError(f"cannot write in {flag} {folder}: {os_error_text(e)}; free space there or "
+                               f"point {flag} elsewhere") from None
+        raise ConfigError(f"cannot write in {flag} {folder}: {os_error_text(e)}; give a writable folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+            holder = f"host {holder['host']}, pid {holder['pid']}, since {holder['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = "host and pid not recorded yet"
+        os.close(fd)
+        raise ConfigError(f"{folder / lock_name}: this run is live in another process ({holder}): {advice}") from None
+    except OSError as e:
+        say(f"warning: cannot lock {folder / lock_name} ({os_error_text(e)}): this filesystem has no flock; make "
+            f"sure no other process runs in {folder}")
+    _held_locks.append(fd)
+    with contextlib.suppress(OSError):  # a full disk: the lock holds all the same
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(dict(host=platform.node(), pid=os.getpid(),
+                                      since=time.strftime("%Y-%m-%d %H:%M:%S"))).encode(), 0)
+
+
+def release_run_locks():
+    while _held_locks:
+        os.close(_held_locks.pop())
+
+
+def claim_checkpoint_dir(args, say):
+    """Rank 0, before --checkpoint_dir is read: lock it, then remove what a killed checkpoint write left."""
+    claim_folder(args.checkpoint_dir, "run.lock", "--checkpoint_dir", "wait for it to end, or give another "
+                 "--checkpoint_dir", say)
+    stray = remove_interrupted_writes(args.checkpoint_dir)
+    if stray:
+        say(f"removed {len(stray)} leftover(s) of an interrupted checkpoint write in {args.checkpoint_dir}: "
+            f"{', '.join(stray)}")
+
+
+def claim_log_dir(args, model, say):
+    """Rank 0, before the log is touched: lock <log_dir>/<run>.lock; then warn when --checkpoint_dir has room
+    for fewer than two checkpoints of this run (each about run_cost's estimate)."""
+    claim_folder(args.log_dir, f"{args.run_name}.lock", "--log_dir", f"wait for it to end, or give another "
+                 f"--run_name", say)
+    if args.checkpoint_dir is None:
+        return
+    need, free = 2 * checkpoint_bytes(args, model), shutil.disk_usage(args.checkpoint_dir).free
+    if free < need:
+        say(f"warning: {args.checkpoint_dir} has {byte_text(free)} free, but two checkpoints of this run take "
+            f"{byte_text(need)}: {byte_text(need - free)} missing. Free space or point --checkpoint_dir elsewhere "
+            f"(a checkpoint that does not fit stops the run, exit 4, and leaves the previous one intact)")
+
+
+def byte_text(n):
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
 def checkpoint_meta(pt):
@@ -1634,6 +1810,60 @@ class TrainingError(Exception):
     """The run cannot go on (e.g. a non-finite loss); the message names the step and the last checkpoint."""
 
 
+class StorageError(Exception):
+    """A log or checkpoint could not be written (disk full, I/O error); the earlier ones are intact."""
+
+
+class StopNow(KeyboardInterrupt):
+    """A stop signal repeated after STOP_REPEAT_GRACE_S: stop at once, without a checkpoint."""
+
+    def __init__(self, signum):
+        super().__init__(f"stopped at once by a repeated signal {signum}, without a checkpoint; --resume auto "
+                         f"continues from the last one")
+        self.signum = signum
+
+
+def exit_code(e):
+    """The exit code of the exception that stopped a run (see the top of this file)."""
+    for kinds, code in (((ConfigError, DataError), 2), (TrainingError, 3), (StorageError, 4)):
+        if isinstance(e, kinds):
+            return code
+    return 128 + e.signum if isinstance(e, StopNow) else 1
+
+
+def out_of_memory_error(e, args):
+    """A TrainingError naming the flags to change for an out-of-memory error (GPU or host), else None."""
+    mb = args.micro_batch_size
+    if isinstance(e, torch.OutOfMemoryError):
+        return TrainingError(f"out of GPU memory at --micro_batch_size {mb}: rerun with --micro_batch_size "
+                             f"{max(1, mb // 2)} (same math; --resume auto continues from the last checkpoint)")
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "DefaultCPUAllocator" in str(e)):
+        return TrainingError(f"out of host memory at --micro_batch_size {mb} x --sequence_length "
+                             f"{args.sequence_length}: rerun with --micro_batch_size {max(1, mb // 2)} (same math) "
+                             f"or a smaller --batch_size / --sequence_length")
+    return None
+
+
+def rank0_then_agree(rank, fn):
+    """Run fn on rank 0 only, then raise its ConfigError/DataError/StorageError on every rank (the others'
+    copies carry its message), so no rank waits for a rank 0 that has stopped. Returns fn's result (rank 0)."""
+    error = result = None
+    if rank == 0:
+        try:
+            result = fn()
+        except (ConfigError, DataError, StorageError) as e:
+            error = e
+    if is_distributed():
+        box = [None if error is None else (type(error).__name__, str(error))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            kind = {k.__name__: k for k in (ConfigError, DataError, StorageError)}[box[0][0]]
+            error = kind(box[0][1])
+    if error is not None:
+        raise error
+    return result
+
+
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
 
@@ -1646,23 +1876,29 @@ def all_reduce_sum(t):
 
 class RunLog:
     """Rank 0 writes logs/<run>.txt (code, configuration, environment, then events) and <run>.jsonl.
-    On resume both files are cut back to where the checkpoint was taken, then appended to."""
+    On resume both files are cut back to where the checkpoint was taken, then appended to. Each line is
+    written whole or not at all (a failed write is cut back off). After a failed write nothing more is written
+    (no gaps); the StorageError waits in .failed for check(), which the loop calls where all ranks meet."""
 
     def __init__(self, args, rank, offsets=None):
+        global _open_log
         self.active = rank == 0
-        self.wandb = None
+        self.wandb = self.failed = None
         if not self.active:
             return
         log_dir = Path(args.log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        paths = log_dir / f"{args.run_name}.txt", log_dir / f"{args.run_name}.jsonl"
-        if offsets is None:
-            self.txt, self.jsonl = (open(p, "w") for p in paths)
-        else:
-            self.txt, self.jsonl = (open(p, "r+" if p.exists() else "w") for p in paths)
-            for f, offset in zip((self.txt, self.jsonl), offsets):
-                f.truncate(min(offset, f.seek(0, os.SEEK_END)))
-                f.seek(0, os.SEEK_END)
+        self.paths = log_dir / f"{args.run_name}.txt", log_dir / f"{args.run_name}.jsonl"
+        try:
+            if offsets is None:
+                self.txt, self.jsonl = (open(p, "wb", buffering=0) for p in self.paths)
+            else:
+                self.txt, self.jsonl = (open(p, "r+b" if p.exists() else "wb", buffering=0) for p in self.paths)
+                for f, offset in zip((self.txt, self.jsonl), offsets):
+                    f.truncate(min(offset, f.seek(0, os.SEEK_END)))
+                    f.seek(0, os.SEEK_END)
+        except OSError as e:
+            raise self._error(e) from None
+        _open_log = self
         if args.wandb:
             try:
                 import wandb
@@ -1677,41 +1913,114 @@ class RunLog:
     def header(self, args, env, n_params):
         if not self.active:
             return
-        self.txt.write(Path(__file__).read_text())
-        self.txt.write("\n" + "=" * 100 + "\n")
-        self.txt.write(json.dumps(dict(config=vars(args), env=env, parameters=n_params), indent=1) + "\n")
-        self.txt.write("=" * 100 + "\n")
+        self._write(self.txt, Path(__file__).read_text() + "\n" + "=" * 100 + "\n"
+                    + json.dumps(dict(config=vars(args), env=env, parameters=n_params), indent=1) + "\n"
+                    + "=" * 100 + "\n")
         self.event("config", config=vars(args), env=env, parameters=n_params)
+
+    def _error(self, e, path=None):
+        return StorageError(f"cannot write the log {path or self.paths[0].parent}: {os_error_text(e)}; its earlier "
+                            f"lines are intact: free space (or give another --log_dir), then rerun with --resume auto")
+
+    @staticmethod
+    def _append(f, text):
+        """Append text to f (unbuffered) whole, or cut f back to where it was and raise the OSError."""
+        data, start = memoryview(text.encode()), f.tell()
+        try:
+            while data:  # a regular file takes it all, unless a size limit is reached part-way
+                data = data[f.write(data):]
+        except OSError:
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+                f.seek(start)
+            raise
+
+    def _write(self, f, text):
+        if self.failed is None:
+            try:
+                self._append(f, text)
+            except OSError as e:
+                self.failed = self._error(e, f.name)
+
+    def check(self):
+        """Raise the StorageError of a failed write, if any (rank 0)."""
+        if self.active and self.failed is not None:
+            raise self.failed
 
     def line(self, text, console=True):
         if not self.active:
             return
-        self.txt.write(text + "\n")
-        self.txt.flush()
+        self._write(self.txt, text + "\n")
         if console:
             print_console(text)
 
     def event(self, kind, **fields):
         if not self.active:
             return
-        self.jsonl.write(json.dumps(dict(event=kind, **fields)) + "\n")
-        self.jsonl.flush()
+        self._write(self.jsonl, json.dumps(dict(event=kind, **fields)) + "\n")
         if self.wandb is not None and kind in ("train", "val"):
             self.wandb.log({k: v for k, v in fields.items() if isinstance(v, (int, float))}, step=fields["step"])
 
+    def stop(self, reason, code, console=False):
+        """Whatever ends a run early, as its last line (`stopped: <reason>`) and a stop event, where the log can
+        still be written; then close."""
+        if not self.active:
+            return
+        for f, text in ((self.txt, f"stopped: {reason}\n"),
+                        (self.jsonl, json.dumps(dict(event="stop", reason=reason, exit_code=code)) + "\n")):
+            with contextlib.suppress(OSError):
+                self._append(f, text)
+        if console:
+            print_console(f"stopped: {reason}")
+        self.close()
+
     def close(self):
-        if self.active:
-            self.txt.close()
-            self.jsonl.close()
+        global _open_log
+        if self.active and not self.txt.closed:
+            _open_log = None
+            for f in (self.txt, self.jsonl):
+                with contextlib.suppress(OSError):
+                    f.close()
             if self.wandb is not None:
                 self.wandb.finish()
 
 
 _progress = None  # tqdm bar of rank 0, so that log lines print above it
+_open_log = None  # rank 0's RunLog while it is open: main() writes there whatever stops the run
 
 
 def print_console(text):
     (_progress.write if _progress is not None else print)(text)
+
+
+class PlainProgress:
+    """Progress on a stdout that is not a terminal (a batch job's log): a line at most every PROGRESS_INTERVAL_S
+    seconds, where tqdm would redraw its bar with carriage returns."""
+
+    def __init__(self, total, initial, desc):
+        self.total, self.n, self.desc, self.postfix = total, initial, desc, ""
+        self.start_n, self.start = initial, time.monotonic()
+        self.last = self.start
+
+    def set_postfix_str(self, text, refresh=False):
+        self.postfix = text
+
+    def update(self, n=1):
+        self.n += n
+        now = time.monotonic()
+        if now - self.last < PROGRESS_INTERVAL_S:
+            return
+        self.last = now
+        per_step = (now - self.start) / max(self.n - self.start_n, 1)
+        print(f"{self.desc}: step {self.n}/{self.total} ({100 * self.n / self.total:.0f}%), {self.postfix}, "
+              f"{per_step:.2f} s/step, {(self.total - self.n) * per_step / 60:.1f} min left", flush=True)
+
+    @staticmethod
+    def write(text):
+        print(text, flush=True)
+
+    def close(self):
+        pass
 
 
 def environment(device, world_size):
@@ -1823,15 +2132,23 @@ class StopFlag:
     signals every process and torchrun forwards its own signal, Ctrl-C reaches workers and torchrun);
     a later one stops at once, without a checkpoint."""
 
+    active = None  # the one of this process: main() restores the handlers from before it at the end
+
     def __init__(self):
         self.signum, self.first_at = 0, None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        StopFlag.active = self
+
+    def restore(self):
+        """The handlers from before (a caller in the same process, e.g. a test runner, gets Ctrl-C back)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        StopFlag.active = None
 
     def _handle(self, signum, frame):
         if self.signum:
             if time.monotonic() - self.first_at > STOP_REPEAT_GRACE_S:
-                raise KeyboardInterrupt
+                raise StopNow(signum)
             return
         self.signum, self.first_at = signum, time.monotonic()
         print_console(f"received signal {signum}: checkpointing at the end of this step, then exiting "
@@ -1839,43 +2156,62 @@ class StopFlag:
 
 
 def main(argv=None):
+    global _progress
     args = resolve_config(argv)
     if args.dry_run:
         world = int(os.environ.get("WORLD_SIZE", 1))
         validate_flags(args, world)
-        with torch.device("meta"):
-            model = build_model(args)
+        model = build_model(args, "meta")  # shapes only: no memory, no init
         print(json.dumps(vars(args), indent=1))
         print("\n".join(run_cost(args, world, model)))
         return 0
     rank, world, local = setup_distributed(args)
     try:
         return train(args, rank, world, local)
-    except torch.OutOfMemoryError as e:
-        mb = args.micro_batch_size
-        raise TrainingError(f"out of GPU memory at --micro_batch_size {mb}: rerun with --micro_batch_size "
-                            f"{max(1, mb // 2)} (same math; --resume auto continues from the last checkpoint)") from e
+    except BaseException as e:
+        error = out_of_memory_error(e, args)
+        if _open_log is not None:  # the reason goes into the log too, as its last line
+            stopped = error or e
+            reason = str(stopped) if exit_code(stopped) != 1 else f"{type(stopped).__name__}: {stopped}"
+            _open_log.stop(reason.splitlines()[0] if reason.strip() else type(stopped).__name__, exit_code(stopped))
+        if error is not None:
+            raise error from e
+        raise
     finally:
+        if _progress is not None:
+            _progress.close()
+            _progress = None
+        if _open_log is not None:
+            _open_log.close()
+        release_run_locks()
+        if StopFlag.active is not None:
+            StopFlag.active.restore()
         if is_distributed():
             dist.destroy_process_group()
+
+
+def checkpoint_bytes(args, model):
+    """About the size of one checkpoint: fp32 parameters and optimizer state (model may be on the meta device)."""
+    n_params = count_parameters(model)
+    n_matrix = sum(p.numel() for p in model.matrices())
+    state_floats = {"adamw": 2 * n_params}.get(args.optimizer, n_matrix + (2 if args.scalar_opt == "adamw" else 1)
+                                                  * (n_params - n_matrix))  # momentum; AdamW m, v; Lion m
+    return 4 * (n_params + state_floats)
 
 
 def run_cost(args, world, model):
     """Lines of --dry_run: what the run will cost (parameters, tokens, accumulation, checkpoint size, time)."""
     n_params = count_parameters(model)
-    n_matrix = sum(p.numel() for p in model.matrices())
-    state_floats = {"adamw": 2 * n_params}.get(args.optimizer, n_matrix + (2 if args.scalar_opt == "adamw" else 1)
-                                                  * (n_params - n_matrix))  # momentum; AdamW m, v; Lion m
     tokens = args.num_iterations * args.batch_size * args.sequence_length
     lines = [f"parameters: {n_params:,} ({n_params / 1e6:.1f}M)",
              f"tokens: {tokens:,} ({args.num_iterations} steps x {args.batch_size} x {args.sequence_length})",
              f"per process: {args.batch_size // world} sequences a step in {args.batch_size // (world * args.micro_batch_size)}"
              f" micro-batches of {args.micro_batch_size} ({world} processes)",
-             f"checkpoint: {4 * (n_params + state_floats) / 2 ** 30:.2f} GiB each, {args.keep_checkpoints} kept"]
-    if args.model in H200_MS_PER_STEP and args.optimizer != "adamw":
-        hours = H200_MS_PER_STEP[args.model] * args.batch_size / 512 * args.num_iterations / world / 3.6e6
+             f"checkpoint: {checkpoint_bytes(args, model) / 2 ** 30:.2f} GiB each, {args.keep_checkpoints} kept"]
+    if args.device == "cuda" and args.model in H200_MS_PER_STEP and args.optimizer != "adamw":
+        hours = H200_MS_PER_STEP[args.model] * tokens / (512 * 1024) / world / 3.6e6
         lines.append(f"estimated time: {hours:.1f} h on {world} H200 (measured {H200_MS_PER_STEP[args.model]} "
-                     f"ms per 512 x 1024-token step on one; assumes linear scaling, 1024 tokens a sequence)")
+                     f"ms per 512 x 1024-token step on one; scaled by tokens and GPUs)")
     return lines
 
 
@@ -1894,11 +2230,16 @@ def wrap_model(raw_model, args, world, local, compile_model):
 def train(args, rank, world, local):
     global _progress
     say = print_console if rank == 0 else (lambda text: None)
+    started = time.monotonic()
     # validation before any GPU work
     validate_flags(args, world)
+    if args.device == "cpu" and args.attention not in ("auto", "math", "flash"):  # validate_flags also plans GPU
+        raise ConfigError(f"--attention {args.attention} needs CUDA: on --device cpu use auto, math or flash")  # runs
     val_path, train_shards = find_shards(args.data_dir)
     check_data(val_path, train_shards, args, say)
     data = data_fingerprint(val_path, train_shards)
+    if args.checkpoint_dir is not None:  # one writer per run: rank 0 locks the folder before reading or cleaning it
+        rank0_then_agree(rank, lambda: claim_checkpoint_dir(args, say))
     ckpt_path, ckpt_meta = find_checkpoint(args, say)
     if ckpt_meta is not None:
         if args.run_name is None:
@@ -1912,6 +2253,8 @@ def train(args, rank, world, local):
             say(f"warning: {ckpt_path} was written by a different train_gpt.py (code hash differs)")
     elif args.run_name is None:
         args.run_name = default_run_name(args)
+    meta_model = build_model(args, "meta")  # for the size of a checkpoint
+    rank0_then_agree(rank, lambda: claim_log_dir(args, meta_model, say))
     refuse_clobber(args, ckpt_meta is not None)
     if args.fp8 != "none" and args.device == "cuda" and args.no_compile:
         say("warning: --fp8 without torch.compile is about 2x slower than bf16 (its scaling and casts run as "
@@ -1939,15 +2282,29 @@ def train(args, rank, world, local):
     model = wrap_model(raw_model, args, world, local, compile_model=args.device == "cuda" and not args.no_compile)
     fwd_context = forward_context(args)
 
-    if ckpt_path is None and args.resume == "auto" and rank == 0:
-        set_aside_earlier_attempt(args, say)
-    log = RunLog(args, rank, log_offsets)
-    if ckpt_path is None:
-        log.header(args, environment(args.device, world), n_params)
-        log.line(f"parameters: {n_params:,} ({n_params / 1e6:.1f}M)")
-    else:
-        log.line(f"resumed from {ckpt_path} at step {run['step']}")
-        log.event("resume", step=run["step"], checkpoint=str(ckpt_path))
+    txt = Path(args.log_dir) / f"{args.run_name}.txt"
+    ckpt_text = "none (no --checkpoint_dir)" if args.checkpoint_dir is None else (
+        f"{args.checkpoint_dir} (" + (f"every {args.checkpoint_freq} steps and " if args.checkpoint_freq else "")
+        + f"at the end, newest {args.keep_checkpoints} kept)")
+
+    def open_log():  # rank 0
+        if ckpt_path is None and args.resume == "auto":
+            try:
+                set_aside_earlier_attempt(args, say)
+            except OSError as e:
+                raise StorageError(f"cannot rename the earlier attempt's logs in {args.log_dir}: "
+                                   f"{os_error_text(e)}") from e
+        log = RunLog(args, rank, log_offsets)
+        say(f"log: {txt} (and .jsonl); checkpoints: {ckpt_text}")
+        if ckpt_path is None:
+            log.header(args, environment(args.device, world), n_params)
+            log.line(f"parameters: {n_params:,} ({n_params / 1e6:.1f}M)")
+        else:
+            log.line(f"resumed from {ckpt_path} at step {run['step']}")
+            log.event("resume", step=run["step"], checkpoint=str(ckpt_path))
+        log.check()
+        return log
+    log = rank0_then_agree(rank, open_log) or RunLog(args, rank, log_offsets)
     val_data = val_batches(val_path, args.val_tokens, args.sequence_length, args.micro_batch_size, rank, world,
                            device)
     accum_steps = args.batch_size // (world * args.micro_batch_size)
@@ -1958,22 +2315,30 @@ def train(args, rank, world, local):
     resumed_step = ckpt_meta["step"] if ckpt_meta else None
 
     def checkpoint():
+        """Rank 0 writes it; every rank returns its path, or raises rank 0's StorageError."""
         payload = dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in opts],
                        loader=train_loader.state(), run=run, log_offsets=log.offsets(),
                        rng_cpu=torch.get_rng_state())
-        path = None
-        if rank == 0:
-            path = save_checkpoint(args.checkpoint_dir, run["step"], payload, vars(args), data,
-                                   args.keep_checkpoints)
-            log.line(f"checkpoint: {path}", console=False)
-        if is_distributed():
-            dist.barrier()
-        return path
 
-    if rank == 0:
+        def write():
+            log.check()  # not after a failed log line: resuming this checkpoint would lose it
+            try:
+                path = save_checkpoint(args.checkpoint_dir, run["step"], payload, vars(args), data,
+                                       args.keep_checkpoints)
+            except StorageError as e:
+                kept = f"the last good checkpoint, {last_ckpt}, is intact" if last_ckpt else "no earlier checkpoint"
+                raise StorageError(f"{e}; no partial file is left, {kept}: free space, then rerun with --resume "
+                                   f"auto") from e
+            log.line(f"checkpoint: {path}", console=False)
+        rank0_then_agree(rank, write)  # also the barrier: no rank goes on before the checkpoint is complete
+        return checkpoint_path(args.checkpoint_dir, run["step"])
+
+    if rank == 0 and sys.stdout.isatty():
         from tqdm import tqdm
         _progress = tqdm(total=T, initial=run["step"], desc=args.run_name, dynamic_ncols=True, file=sys.stdout,
-                         mininterval=1.0 if sys.stdout.isatty() else 60.0)  # batch-job logs: a line a minute
+                         mininterval=1.0)
+    elif rank == 0:
+        _progress = PlainProgress(T, run["step"], args.run_name)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     stopping = 0  # the stop signal, once every rank knows of it (from the all-reduce after each step)
     first_step = True  # excluded from step_avg: compilation and warm-up
@@ -1990,6 +2355,8 @@ def train(args, rank, world, local):
                     run["reached_at"] = step
                 text += (f" target:{target:.4f} " + (f"(reached at step {run['reached_at']})"
                                                      if run["reached_at"] is not None else "(not reached)"))
+            if run.get("best_val") is None or val_loss < run["best_val"][0]:
+                run["best_val"] = [val_loss, step]
             log.line(text)
             log.event("val", step=step, total_steps=T, val_loss=val_loss, train_time_ms=run["train_time_ms"],
                       step_avg_ms=step_avg, target=target, reached_at=run["reached_at"])
@@ -2003,8 +2370,11 @@ def train(args, rank, world, local):
         t0 = time.perf_counter()
         loss_sum, mult = train_step(model, opts, train_loader.next_batch(args.micro_batch_size, device),
                                     args, step, 1.0 / accum_steps, fwd_context)
-        reduced = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop.signum), device=device)]))
+        flags = [float(stop.signum), float(log.failed is not None)]  # a signal here; rank 0's log write failed
+        reduced = all_reduce_sum(torch.cat([loss_sum[None], torch.tensor(flags, device=device)]))
         train_loss = reduced[0].item() / (accum_steps * world)  # .item() waits for the GPU
+        if reduced[2].item() > 0:
+            rank0_then_agree(rank, log.check)
         if reduced[1].item() > 0:  # this rank or another was signalled: all stop after this step
             stopping = stop.signum or int(signal.SIGTERM)
         step_ms = 1000 * (time.perf_counter() - t0)
@@ -2014,8 +2384,9 @@ def train(args, rank, world, local):
             run["timed_steps"] += 1
         first_step = False
         if not math.isfinite(train_loss):
-            raise TrainingError(f"non-finite train loss ({train_loss}) at step {step + 1}; last good checkpoint: "
-                                f"{last_ckpt or 'none (use --checkpoint_dir/--checkpoint_freq)'}")
+            raise TrainingError(f"non-finite train loss ({train_loss}) at step {step + 1}; last good checkpoint: " + (
+                f"{last_ckpt}" if last_ckpt else f"none yet in {args.checkpoint_dir}" if args.checkpoint_dir
+                else "none (no --checkpoint_dir)"))
         shaping = dynmuon_shaping(dynmuon)
         p_text = (" p:{p:.4f} factor:{factor_mean:.4f}/{factor_min:.4f}/{factor_max:.4f}".format(**shaping)
                   if shaping else "")
@@ -2025,34 +2396,38 @@ def train(args, rank, world, local):
         log.event("train", step=step + 1, train_loss=train_loss, lr_mult=mult, tokens_per_s=tokens_per_s,
                   step_ms=step_ms, **shaping)
         if _progress is not None:
-            _progress.set_postfix_str(f"loss {train_loss:.3f}" + (f" p {shaping['p']:.3f}" if shaping else ""))
+            _progress.set_postfix_str(f"loss {train_loss:.3f}" + (f" p {shaping['p']:.3f}" if shaping else ""),
+                                      refresh=False)  # refresh=True would redraw at every step, past mininterval
             _progress.update(1)
     if _progress is not None:
         _progress.close()
         _progress = None
     if stopping:
-        log.line(f"stopped by signal {stopping} at step {run['step']}; checkpoint: {last_ckpt or 'none'}; "
-                 f"rerun with --resume auto to continue")
-        log.close()
+        log.stop(f"signal {stopping} at step {run['step']}; checkpoint: {last_ckpt or 'none'}; rerun with "
+                 f"--resume auto to continue", 128 + stopping, console=True)
         return 128 + stopping
     if target is not None:
         log.line(f"target:{target:.4f} " + (f"reached_at_step:{run['reached_at']}" if run["reached_at"] is not None
                                             else "not_reached"))
     if args.device == "cuda":
         log.line(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB")
+    log.check()
     log.close()
+    best = run.get("best_val")
+    say(f"done: {run['step']} steps; best val_loss " + (f"{best[0]:.4f} at step {best[1]}" if best else "n/a")
+        + (f"; target {target:.4f} " + (f"reached at step {run['reached_at']}" if run["reached_at"] is not None
+                                         else "not reached") if target is not None else "")
+        + f"; train time {run['train_time_ms'] / 1000:.1f} s, wall time {time.monotonic() - started:.1f} s (this "
+        f"process); log: {txt}; last checkpoint: {last_ckpt or 'none'}")
     return 0
 
 
 def cli():
     try:
         code = main()
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 3
+    except (ConfigError, DataError, TrainingError, StorageError, StopNow) as e:
+        sys.stderr.write(f"error: {e}\n")  # one write: the lines of several ranks do not interleave
+        code = exit_code(e)
     sys.exit(code)
 
 

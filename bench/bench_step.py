@@ -30,6 +30,7 @@ import train_gpt as tg  # noqa: E402
 PRESETS = ("127M", "601M", "1.1B")
 H100_GIB = 79.6  # total memory of an H100 80GB HBM3, for --dry_run
 DEVICE_BATCH, GLOBAL_BATCH = (tg.build_arg_parser().get_default(f) for f in ("device_batch_size", "batch_size"))
+SEQUENCE_LENGTH = tg.build_arg_parser().get_default("sequence_length")
 P_OF = {"muon": 0.0, "dynmuon": -0.25}
 FLOPS_FORMULA = ("FLOPs/step = 6*N*tokens + 12*n_layer*d*seq_len*tokens "
                  "(N = parameters without the embedding, lm_head included)")
@@ -37,6 +38,8 @@ FLOPS_FORMULA = ("FLOPs/step = 6*N*tokens + 12*n_layer*d*seq_len*tokens "
 
 def config(model, opt, mb, world, device, kernels, no_compile, speed_flags=()):
     argv = ["--model", model, "--optimizer", opt, "--device_batch_size", str(mb), "--micro_batch_size", str(mb),
+            "--batch_size", str(GLOBAL_BATCH), "--sequence_length", str(SEQUENCE_LENGTH),  # the GPU shape, also
+            # where --dry_run resolves on a CPU (whose defaults are laptop-sized)
             "--device", device, "--kernels", kernels, "--run_name", "bench", *speed_flags]
     argv += ["--p_schedule", "fixed", "--dynmuon_pmin", str(P_OF["dynmuon"])] if opt == "dynmuon" else []
     args = tg.resolve_config(argv + (["--no_compile"] if no_compile else []))

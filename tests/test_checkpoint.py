@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_trainer, tiny_flags, train_losses, val_losses
+from conftest import REPO, read_events, run_trainer, tiny_flags, train_losses, val_losses
 import train_gpt as tg
 
 RUN = dict(num_iterations=24, val_loss_every=6, model_dim=64, sequence_length=32, batch_size=8,
@@ -57,7 +57,7 @@ def wait_for(path, proc, timeout=240):
 def snapshot(*dirs):
     """sha256 of every file under the given folders."""
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for d in dirs if d.exists()
-            for p in sorted(d.rglob("*")) if p.is_file()}
+            for p in sorted(d.rglob("*")) if p.is_file() and p.suffix != ".lock"}  # a lock records its last holder
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, tiny_data, reference
     out = run_trainer(flags, nproc=nproc)
     assert "resumed from" in out.stdout
     assert_same_run(tmp_path / "logs", reference)
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))  # what a kill mid-write leaves is removed at the next start
+    assert all(j.with_suffix(".pt").exists() for j in (tmp_path / "ckpt").glob("step_*.json"))
     lines = (tmp_path / "logs" / "run.txt").read_text().splitlines()
     assert sum(l.startswith("step:24/24 val_loss") for l in lines) == 1  # log cut back, then appended
 
@@ -142,7 +144,7 @@ def test_sigterm_to_some_or_all_processes_of_two_ranks(tmp_path, tiny_data, refe
     # torchrun prints a traceback of its own (a child exited non-zero); the ranks must not
     assert not re.search(r"^\[rank\d\]:.*(Traceback|KeyboardInterrupt)", stderr, re.M), stderr
     (saved,) = sorted((tmp_path / "ckpt").glob("step_*.pt"))
-    assert f"stopped by signal 15 at step {int(saved.stem[5:])}" in (tmp_path / "logs" / "run.txt").read_text()
+    assert f"stopped: signal 15 at step {int(saved.stem[5:])}" in (tmp_path / "logs" / "run.txt").read_text()
     run_trainer(tiny_flags(moved_data, tmp_path / "logs", **flags), nproc=2)
     assert_same_run(tmp_path / "logs", reference)
 
@@ -183,12 +185,22 @@ def test_resume_auto_without_checkpoint_starts_again_and_keeps_earlier_logs(tmp_
     assert_same_run(logs, reference)
 
 
-def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_data):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_data, nproc):
+    """Every rank names the checkpoint written before the loss went non-finite (rank 1 used to say 'none'),
+    and so does the log's last line."""
     flags = tiny_flags(tiny_data, tmp_path / "logs", checkpoint_dir=tmp_path / "ckpt", checkpoint_freq=1,
-                       optimizer="adamw", lr=1e4, scalar_lr=1e4, warmup_ratio=0, **RUN)
-    proc = run_trainer(flags, check=False)
-    assert proc.returncode == 3
-    assert "non-finite train loss" in proc.stderr and "last good checkpoint" in proc.stderr
+                       optimizer="adamw", lr=1e20, scalar_lr=1e20, weight_decay=0, warmup_ratio=0, **RUN)
+    proc = run_trainer(flags, nproc=nproc, check=False)
+    newest = sorted((tmp_path / "ckpt").glob("step_*.pt"))[-1]
+    message = f"non-finite train loss (nan) at step 2; last good checkpoint: {newest}"
+    assert proc.stderr.count(f"error: {message}") == nproc, proc.stderr  # ranks' lines may interleave
+    assert proc.returncode == 3 or nproc > 1  # torchrun's own status is 1
+    if nproc == 1:
+        assert proc.stderr == f"error: {message}\n"
+    assert (tmp_path / "logs" / "run.txt").read_text().splitlines()[-1] == f"stopped: {message}"
+    stop = read_events(tmp_path / "logs")[-1]
+    assert stop["event"] == "stop" and stop["exit_code"] == 3
 
 
 @pytest.mark.parametrize("change,message", [

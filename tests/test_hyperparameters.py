@@ -1,5 +1,7 @@
 """Flags, presets, the LR and p schedules, and the anchoring branch chosen at each step."""
+import json
 import math
+import os
 import subprocess
 import sys
 
@@ -35,13 +37,53 @@ def test_preset_parameter_counts(dry_run, preset, expected, tol):
     assert abs(dry_run("--model", preset) - expected) <= tol
 
 
+PAPER_COMMAND = """torchrun --standalone --nproc_per_node=1 train_gpt.py --optimizer dynmuon --scalar_opt adamw
+    --lr 0.01 --batch_size 512 --device_batch_size 64 --sequence_length 1024 --num_iterations 20000 --model_dim 512
+    --n_layer 24 --n_head 8 --dynmuon_pmax 1.0 --dynmuon_pmin -0.25 --dynmuon_w 0.04 --dynmuon_tau 0.04"""
+
+
+def test_the_papers_readme_command_runs_as_is():
+    """The command of the paper's README, verbatim (under torchrun, with --dry_run appended): accepted, with its
+    meaning, and the 127M model of the paper's table."""
+    argv = PAPER_COMMAND.split()
+    flags = argv[argv.index("train_gpt.py") + 1:]
+    proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py"), *flags, "--dry_run"],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, WORLD_SIZE="1"))
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads(proc.stdout[:proc.stdout.index("\n}\n") + 3])
+    assert "parameters: 127,008,768 (127.0M)" in proc.stdout
+    assert (config["optimizer"], config["scalar_opt"], config["lr"], config["num_iterations"]) == (
+        "dynmuon", "adamw", 0.01, 20000)
+    assert (config["dynmuon_pmax"], config["dynmuon_pmin"], config["dynmuon_w"], config["dynmuon_tau"]) == (
+        1.0, -0.25, 0.04, 0.04)
+    assert (config["batch_size"], config["device_batch_size"], config["adjust_lr"]) == (512, 64, "spectral_norm")
+    assert "tokens: 10,485,760,000" in proc.stdout and "checkpoint:" in proc.stdout
+
+
+def test_paper_flags_keep_their_meaning():
+    args = tg.resolve_config(["--device", "cpu", "--no_triton", "--no_wandb", "--wandb_project_name", "p",
+                              "--wandb_job_name", "j", "--fs_size", "1", "--tp_size", "1", "--adjust_lr", "rms_norm",
+                              "--scalar_opt", "lion"])
+    assert (args.kernels, args.wandb, args.wandb_project_name, args.wandb_job_name) == ("torch", False, "p", "j")
+    assert tg.LR_ADJUST["rms_norm"](1536, 384) == pytest.approx(0.2 * math.sqrt(1536))
+    assert tg.LR_ADJUST["spectral_norm"](1536, 384) == pytest.approx(2.0)
+    model = tg.build_model(tg.resolve_config(["--model", "tiny", "--device", "cpu", "--scalar_opt", "lion"]))
+    scalar_opt, muon = tg.build_optimizers(model, tg.resolve_config(["--model", "tiny", "--device", "cpu",
+                                                                     "--scalar_opt", "lion"]))
+    assert isinstance(scalar_opt, tg.Lion) and scalar_opt.param_groups[0]["betas"] == tg.ADAM_BETAS
+
+
 def test_explicit_dims_override_preset(dry_run):
     # 127M preset with 12 layers: embeddings 2*50304*512 plus 12 blocks of 12 d^2
     assert dry_run("--model", "127M", "--n_layer", "12") == 2 * 50304 * 512 + 12 * 12 * 512 ** 2
 
 
 def test_defaults_follow_spec():
-    args = tg.resolve_config(["--device", "cpu"])  # on a GPU the micro-batch is sized to its memory
+    args = tg.resolve_config(["--device", "cpu", "--batch_size", "512", "--device_batch_size", "64",  # the GPU
+                              "--sequence_length", "1024", "--val_tokens", "10485760"])  # defaults (not CPU's)
+    parser = tg.build_arg_parser()
+    assert [parser.get_default(f) for f in ("batch_size", "device_batch_size", "sequence_length", "val_tokens")] == [
+        512, 64, 1024, 10_485_760]  # on a GPU the micro-batch is sized to its memory
     assert (args.lr, args.mu, args.weight_decay, args.scalar_lr) == (0.01, 0.95, 0.01, 0.001)
     assert (args.dynmuon_pmax, args.dynmuon_pmin, args.dynmuon_tau, args.dynmuon_w) == (1.0, -0.25, 0.04, 0.04)
     assert (args.batch_size, args.device_batch_size, args.sequence_length) == (512, 64, 1024)
@@ -113,7 +155,7 @@ def test_bad_flags_exit_2_with_one_line(monkeypatch, capsys, flags, message):
 def test_each_process_needs_a_val_sequence():
     """An empty val share would make every val loss NaN (0 / 0 in the all-reduced mean)."""
     args = tg.resolve_config(["--device", "cpu", "--val_tokens", str(4 * 1024), "--batch_size", "64",
-                              "--device_batch_size", "8"])
+                              "--device_batch_size", "8", "--sequence_length", "1024"])
     tg.validate_flags(args, world_size=4)
     with pytest.raises(tg.ConfigError, match=r"one sequence per process \(8 x --sequence_length 1024"):
         tg.validate_flags(args, world_size=8)
