@@ -2223,7 +2223,7 @@ def wrap_model(raw_model, args, world, local, compile_model):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if args.device == "cuda" else None,
                                                     bucket_cap_mb=args.ddp_bucket_mb)
     if compile_model:
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)  # a short last val micro-batch: one more static graph
     return model
 
 
