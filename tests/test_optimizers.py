@@ -198,6 +198,24 @@ def test_adamw_baseline_and_scalar_groups():
         assert torch.allclose(p.data, expected, atol=1e-6), name
 
 
+def test_lion_two_steps_by_hand():
+    """--scalar_opt lion: c = b1 m + (1 - b1) g; W <- W (1 - lr wd) - lr sign(c); m <- b2 m + (1 - b2) g, written
+    out in float64 for two steps (the second uses the first's m). sign() is exact, so the only rounding is fp32's
+    in W's update and m's lerp: 1e-6 relative is 8 fp32 ulps."""
+    w = torch.nn.Parameter(torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.25, -0.75]]))
+    # [0][0]: step 2's c = 0.045 - 0.06 < 0, while b2 in b1's place would give 0.0475 - 0.03 > 0
+    grads = [torch.tensor([[1.0, -0.2, 0.0], [-1.0, 0.5, 0.1]]), torch.tensor([[-0.6, -0.1, 0.4], [0.2, -0.6, 0.0]])]
+    opt = tg.Lion([w], lr=0.1, betas=(0.9, 0.95), weight_decay=0.5)
+    W, m = w.detach().double().clone(), torch.zeros(2, 3, dtype=torch.float64)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+        c = 0.9 * m + 0.1 * g.double()
+        W = W * (1 - 0.1 * 0.5) - 0.1 * torch.sign(c)
+        m = 0.95 * m + 0.05 * g.double()
+        torch.testing.assert_close(w.detach().double(), W, rtol=1e-6, atol=1e-7)
+
+
 def test_muon_family_split_between_optimizers():
     args = tg.resolve_config(["--model", "tiny", "--model_dim", "8", "--n_head", "2", "--vocab_size", "16",
                               "--sequence_length", "8"])
