@@ -488,8 +488,7 @@ def stieltjes_poles(a, lo, hi, h=EXACT_STEP, tau_min=None):
     """Poles tau_k > 0 and weights w_k > 0 with sum_k w_k / (x + tau_k) ~ x^-a on [100 lo, hi / 10], 0 < a <= 1.
 
     Trapezoid rule of step h in u = log t on the Stieltjes integral above, nodes from lo to >= hi; the
-    discretisation error is ~exp(-2 pi^2 / h) (poles of the integrand at distance pi from the real axis):
-    max relative error 2.1e-4 at h = 2, 5e-5 at h = 1.75, 8e-6 at h = 1.5 (measured over a in [0.5, 1]).
+    discretisation error is ~exp(-2 pi^2 / h), as the integrand's poles lie at distance pi from the real axis.
     Each infinite tail of nodes is lumped into one pole matching its first two moments, which leaves a
     relative error O((t/x)^2) for the tail below (above) x. tau_min (default lo / 100) keeps the lumped
     low pole off zero when a -> 1, where the integral's mass collapses to t = 0."""
@@ -545,17 +544,11 @@ def resolvent_sum(M, taus, ws, chunk_bytes=1 << 30):
 def exact_spectral(X, p, ns=None, floor=EXACT_FLOOR, h=EXACT_STEP, out_dtype=torch.bfloat16):
     """U S^p V^T for wide X [..., m, n] (m <= n), -1 <= p < 1, as (X X^T)^((p-1)/2) X in float64.
 
-    Method: A = X X^T in float64 (the Gram's squared condition number costs nothing at u = 1.1e-16), scaled
-    by its top eigenvalue (power iteration); f(A) = sum_k w_k (A + tau_k I)^-1 from stieltjes_poles over
-    [floor^2, 10] (21 poles at h = 2: 21 batched float64 Cholesky factorisations + triangular inverses);
-    D = f(A) X. Only matmuls, Cholesky and triangular solves: batched, no iteration count that depends on X.
-    Floor (floor = 1e-7): each singular value s gets s^p to relative error <= 2.1e-4 for s >= 10 floor s_max
-    (the quadrature bound; float64 rounding of the Gram adds ~ sqrt(n) u / (s/s_max)^2: 1e-6 at s = 1e-5
-    s_max, ~1e-2 at s = 1e-6 s_max; a floor of 1e-5 would need 16 poles instead of 21), <= 1.1e-3 for
-    s >= 3 floor s_max, <= 1e-2 for s >= floor s_max. Below, the output s f(s^2) rolls off (half of s^p near
-    s = 0.1 floor s_max) to 0 with s, f being bounded by sum w_k / tau_k: zero singular values give zero, like
-    svd_spectral (which keeps s^p down to 1e-7 s_max). Returned in out_dtype (bf16: the rounding, unit
-    roundoff 2^-8, dominates: rel. Frobenius error ~1.7e-3 vs a float64 SVD, <= 2^-8 + 2.1e-4)."""
+    A = X X^T in float64 (its squared condition number is harmless at that precision), scaled by its top
+    eigenvalue; f(A) = sum_k w_k (A + tau_k I)^-1 from stieltjes_poles over [floor^2, 10], one batched Cholesky
+    per pole; D = f(A) X. Each singular value s >= 10 floor s_max gets s^p to the quadrature's accuracy (2e-4
+    relative); below floor s_max the output rolls off to 0, so zero singular values stay zero as in
+    svd_spectral. bench/NOTES.md has its accuracy and cost against svd_spectral and NS."""
     assert -1.0 <= p < 1.0, p
     X64 = X.double()
     A = X64 @ X64.mT
