@@ -5,9 +5,10 @@
     python3 records/2026-11-30_decomposition/study.py --list          # the runs, as commands; runs nothing
 
 A 6 x 384 GPT (the SPEC model scaled down), sequence 1024, 32 sequences a step, 1500 steps, val every 50
-steps on 1,048,576 tokens, the trainer's defaults otherwise. Variants (3 seeds each; seed s also orders the
-data, --data_seed s): Muon at lr 0.01 / 0.015 / 0.02 / 0.03, DynMuon (Fast-Spectral) and its p < 0 stage
-replaced by --spectral scalar / polar / exact; AdamW once. Runs go several to a GPU at once (--per_gpu),
+steps on 614,400 tokens (the Python-source corpus's val shard holds 617K), the trainer's defaults otherwise.
+Variants (3 seeds each; seed s also orders the data, --data_seed s): Muon at lr 0.01 / 0.015 / 0.02 / 0.03,
+DynMuon (Fast-Spectral) and its p < 0 stage replaced by --spectral scalar / polar / exact; AdamW once; and the
+three follow-ups the first results suggested (Muon with a 10% warmup, the scalar factor from step 1, p_min -0.5). Runs go several to a GPU at once (--per_gpu),
 checkpoint every 250 steps and resume (--resume auto), so an interrupted study continues where it stopped;
 finished runs are reported as such by the trainer. Exit status: 0 all runs finished, 1 some failed or were
 stopped (named at the end), 2 bad arguments.
