@@ -390,19 +390,30 @@ def test_ctrl_c_with_workers_keeps_old_shards(tmp_path, bpe_file, old_data):
     assert digests(old_data) == before and not leftovers(tmp_path)
 
 
-def test_failed_rename_puts_old_shards_back(tmp_path, old_data, monkeypatch, capsys):
-    synth = load_module("make_synthetic_shards")
+def failing_renames(monkeypatch, failing):
+    """os.replace that raises EIO at the calls numbered in failing (1-based); returns the list of calls."""
     real_replace, calls = os.replace, []
 
-    def replace_failing_once(src, dst):
+    def replace(src, dst):
         calls.append((src, dst))
-        if len(calls) == 6:  # after the 4 old shards were moved aside and 1 new one moved in
+        if len(calls) in failing:
             raise OSError(5, "Input/output error")
         real_replace(src, dst)
-    monkeypatch.setattr(os, "replace", replace_failing_once)
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+def overwrite_synthetic(old_data):
+    """make_synthetic_shards --overwrite on old_data, in this process; its exit status."""
+    return load_module("make_synthetic_shards").main(
+        [str(a) for a in ["--out_dir", old_data, "--train_shards", 2, "--shard_tokens", 100, "--val_tokens", 50,
+                          "--overwrite"]])
+
+
+def test_failed_rename_puts_old_shards_back(tmp_path, old_data, monkeypatch, capsys):
+    calls = failing_renames(monkeypatch, {6})  # after the 4 old shards were moved aside and 1 new one moved in
     before = digests(old_data)
-    assert synth.main([str(a) for a in ["--out_dir", old_data, "--train_shards", 2, "--shard_tokens", 100,
-                                        "--val_tokens", 50, "--overwrite"]]) == 2
+    assert overwrite_synthetic(old_data) == 2
     assert error_lines(capsys.readouterr().err) == [f"error: cannot move the new shards into {old_data} "
                                                     "(Input/output error); check its permissions and free space, then run again"]
     assert len(calls) == 6 + 5  # the 5 done renames undone
@@ -410,18 +421,9 @@ def test_failed_rename_puts_old_shards_back(tmp_path, old_data, monkeypatch, cap
 
 
 def test_failed_undo_keeps_old_shards_in_the_temporary_folder(tmp_path, old_data, monkeypatch, capsys):
-    synth = load_module("make_synthetic_shards")
-    real_replace, calls = os.replace, []
-
-    def replace_failing_twice(src, dst):
-        calls.append((src, dst))
-        if len(calls) in (6, 7):  # the sixth rename fails, and so does the first rename undoing it
-            raise OSError(5, "Input/output error")
-        real_replace(src, dst)
-    monkeypatch.setattr(os, "replace", replace_failing_twice)
+    failing_renames(monkeypatch, {6, 7})  # the sixth rename fails, and so does the first rename undoing it
     before = {n: h for n, h in digests(old_data).items() if n.endswith(".bin")}
-    assert synth.main([str(a) for a in ["--out_dir", old_data, "--train_shards", 2, "--shard_tokens", 100,
-                                        "--val_tokens", 50, "--overwrite"]]) == 2
+    assert overwrite_synthetic(old_data) == 2
     (err,) = error_lines(capsys.readouterr().err)
     retired = next(tmp_path.glob("data.tmp-*/.retired"))
     assert err.endswith(f"nor the old ones back; move the files of {retired} back into {old_data} by hand")
