@@ -1542,6 +1542,19 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
+class StorageError(Exception):
+    """A log or checkpoint could not be written (disk full, I/O error); the earlier ones are intact."""
+
+
+def checkpoint_bytes(args, model):
+    """About the size of one checkpoint: fp32 parameters and optimizer state (model may be on the meta device)."""
+    n_params = count_parameters(model)
+    n_matrix = sum(p.numel() for p in model.matrices())
+    state_floats = {"adamw": 2 * n_params}.get(args.optimizer, n_matrix + (2 if args.scalar_opt == "adamw" else 1)
+                                                  * (n_params - n_matrix))  # momentum; AdamW m, v; Lion m
+    return 4 * (n_params + state_floats)
+
+
 class _HashingWriter:
     def __init__(self, f):
         self.f, self.sha, self.error = f, hashlib.sha256(), None
@@ -1801,10 +1814,6 @@ def set_aside_earlier_attempt(args, say):
 
 class TrainingError(Exception):
     """The run cannot go on (e.g. a non-finite loss); the message names the step and the last checkpoint."""
-
-
-class StorageError(Exception):
-    """A log or checkpoint could not be written (disk full, I/O error); the earlier ones are intact."""
 
 
 class StopNow(KeyboardInterrupt):
@@ -2181,15 +2190,6 @@ def main(argv=None):
             StopFlag.active.restore()
         if is_distributed():
             dist.destroy_process_group()
-
-
-def checkpoint_bytes(args, model):
-    """About the size of one checkpoint: fp32 parameters and optimizer state (model may be on the meta device)."""
-    n_params = count_parameters(model)
-    n_matrix = sum(p.numel() for p in model.matrices())
-    state_floats = {"adamw": 2 * n_params}.get(args.optimizer, n_matrix + (2 if args.scalar_opt == "adamw" else 1)
-                                                  * (n_params - n_matrix))  # momentum; AdamW m, v; Lion m
-    return 4 * (n_params + state_floats)
 
 
 def run_cost(args, world, model):
