@@ -1989,6 +1989,7 @@ class RunLog:
 
 _progress = None  # tqdm bar of rank 0, so that log lines print above it
 _open_log = None  # rank 0's RunLog while it is open: main() writes there whatever stops the run
+_joined_process_group = False  # this process started torch.distributed's threads: cli() leaves with os._exit
 
 
 def print_console(text):
@@ -2036,6 +2037,7 @@ def environment(device, world_size):
 
 def setup_distributed(args):
     """(rank, world_size, local_rank) under torchrun, else (0, 1, 0)."""
+    global _joined_process_group
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -2045,6 +2047,7 @@ def setup_distributed(args):
                               f"lower --nproc_per_node")
         torch.cuda.set_device(local)
     dist.init_process_group(backend="nccl" if args.device == "cuda" else "gloo")
+    _joined_process_group = True
     return rank, world, local
 
 
@@ -2421,6 +2424,13 @@ def cli():
     except (ConfigError, DataError, TrainingError, StorageError, StopNow) as e:
         sys.stderr.write(f"error: {e}\n")  # one write: the lines of several ranks do not interleave
         code = exit_code(e)
+    if _joined_process_group:
+        # destroy_process_group leaves gloo's worker threads running, and an interpreter shutting down under
+        # them can abort the process (SIGABRT) after a finished run. Logs and checkpoints are closed by now:
+        # leave without the interpreter's shutdown, as multiprocessing's child processes do.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -98,6 +98,23 @@ def test_more_ranks_than_batch_allows_is_refused(tmp_path, tiny_data):
     assert "must be a multiple of --device_batch_size 4 x 2 processes" in proc.stderr
 
 
+def test_ranks_leave_without_interpreter_shutdown(tmp_path, tiny_data):
+    """gloo's worker threads outlive destroy_process_group; an interpreter shutting down under them can abort a
+    rank (SIGABRT, torchrun exit 1) after a finished run. So each rank leaves with os._exit once its log is
+    closed: an atexit hook, which runs only in an interpreter's shutdown, must never fire in a rank."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import atexit, os, pathlib\n"
+        "if 'LOCAL_RANK' in os.environ:  # a rank, not the torchrun launcher\n"
+        f"    atexit.register(pathlib.Path({str(tmp_path)!r}, 'shutdown_' + os.environ['LOCAL_RANK']).touch)\n")
+    proc = run_trainer(tiny_flags(tiny_data, tmp_path / "logs", num_iterations=4), nproc=2,
+                       env_extra={"PYTHONPATH": str(hooks)})
+    assert "done: 4 steps" in proc.stdout
+    assert val_losses(tmp_path / "logs")[-1][0] == 4
+    assert sorted(p.name for p in tmp_path.glob("shutdown_*")) == []
+
+
 def test_two_ranks_match_plain_one_process(tmp_path, tiny_data):
     """--attention math on 2 gloo ranks, whose all-gathers of the optimizer run asynchronously, against the
     plain path in one process."""
