@@ -83,7 +83,7 @@ NAME_MAX=80
 # Flags that do not change what is trained, so never name a run: train_gpt.py's RESUME_NEUTRAL_FLAGS (those a
 # run may change when it resumes; tests/test_run_sh.py checks that the two lists agree)
 NEUTRAL_FLAGS=" data_dir device_batch_size micro_batch_size val_loss_every device no_compile log_dir run_name wandb
-  dry_run target_loss record checkpoint_dir checkpoint_freq keep_checkpoints resume kernels no_triton attention fp8
+  dry_run target_loss record checkpoint_dir checkpoint_freq keep_checkpoints resume kernels no_triton attention
   ddp_bucket_mb no_wandb wandb_project_name wandb_job_name fs_size tp_size dp_size "
 NEUTRAL_FLAGS=" $(echo $NEUTRAL_FLAGS) "  # one space between names, for the " $flag " lookups
 

@@ -1533,7 +1533,7 @@ def check_data(val_path, train_shards, args, warn):
 RESUME_NEUTRAL_FLAGS = {  # may differ between a checkpoint and the run that resumes it
     "data_dir", "device_batch_size", "micro_batch_size", "val_loss_every", "device", "no_compile", "log_dir",
     "run_name", "wandb", "dry_run", "target_loss", "record", "checkpoint_dir", "checkpoint_freq",
-    "keep_checkpoints", "resume", "kernels", "no_triton", "attention", "fp8", "ddp_bucket_mb", "no_wandb",
+    "keep_checkpoints", "resume", "kernels", "no_triton", "attention", "ddp_bucket_mb", "no_wandb",
     "wandb_project_name", "wandb_job_name", "fs_size", "tp_size", "dp_size"}
 CODE_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 

@@ -208,6 +208,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_data, npr
     (dict(lr=0.05), "cannot resume: --lr"),
     (dict(optimizer="muon"), "--optimizer dynmuon (checkpoint) vs muon (now)"),
     (dict(dynmuon_tau=0.08), "--dynmuon_tau 0.04 (checkpoint) vs 0.08 (now)"),
+    (dict(fp8="blocks"), "--fp8 none (checkpoint) vs blocks (now)"),  # FP8 matmuls change what is trained
     (dict(resume="CORRUPT"), "truncated or corrupt"),
     (dict(resume=None), "already exists: choose another --run_name"),
     (dict(resume=None, run_name="other"), "already holds checkpoints: use --resume auto"),
