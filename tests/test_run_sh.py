@@ -254,6 +254,7 @@ def test_run_names_follow_every_change():
     assert name("--p_schedule", "reverse", "--vocab_size", "50432") == \
         "dynmuon_127M_10B_sched-reverse_vocab_size50432_seed0"  # a flag without a tag: <flag><value>
     assert name(NUM_ITERATIONS="100") == "dynmuon_127M_10B_iters100_seed0"
+    assert name("--fp8", "blocks") == "dynmuon_127M_10B_fp8-blocks_seed0"  # FP8 matmuls change what is trained
     # flags that leave the math alone do not make a new run
     assert name("--no_compile", "--kernels", "torch", "--micro_batch_size", "8", "--val_loss_every", "250",
                 MICRO_BATCH="16", DEVICE_BATCH_SIZE="32") == "dynmuon_127M_10B_seed0"
