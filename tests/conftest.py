@@ -72,6 +72,15 @@ def run_trainer(flags, nproc=1, timeout=300, check=True, env_extra=None):
     return proc
 
 
+def run_cli(monkeypatch, capsys, *flags):
+    """train_gpt's command line in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["train_gpt.py", *map(str, flags)])
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt.cli()
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
 def read_events(log_dir, run_name="run"):
     import json
     lines = (Path(log_dir) / f"{run_name}.jsonl").read_text().splitlines()

@@ -8,17 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, tiny_flags
+from conftest import REPO, run_cli, tiny_flags
 import train_gpt as tg
-
-
-def run_cli(monkeypatch, capsys, *flags):
-    """train_gpt's command line in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["train_gpt.py", *flags])
-    with pytest.raises(SystemExit) as exit_info:
-        tg.cli()
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, markov_tokens, read_events, run_trainer, tiny_flags, train_losses, val_losses
+from conftest import REPO, markov_tokens, read_events, run_cli, run_trainer, tiny_flags, train_losses, val_losses
 import train_gpt as tg
 
 RUN = dict(num_iterations=24, val_loss_every=6, model_dim=64, sequence_length=32, batch_size=8,
@@ -39,15 +39,6 @@ def trainer(flags, fsize=None, address_space=None, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(REPO / "train_gpt.py"), *map(str, flags)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO, preexec_fn=limits)
-
-
-def cli(monkeypatch, capsys, flags):
-    """train_gpt's command line in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["train_gpt.py", *map(str, flags)])
-    with pytest.raises(SystemExit) as exit_info:
-        tg.cli()
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def sha(path, upto=None):
@@ -164,13 +155,13 @@ def test_lock_names_its_holder_and_goes_with_it(monkeypatch, capsys, tmp_path, t
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.write(fd, json.dumps(dict(host="node7", pid=4242, since="2026-01-01 00:00:00")).encode())
     flags = tiny_flags(tiny_data, tmp_path / "logs", checkpoint_dir=ckpt, resume="auto", num_iterations=4)
-    code, out, err = cli(monkeypatch, capsys, flags)
+    code, out, err = run_cli(monkeypatch, capsys, *flags)
     assert code == 2 and one_line(err) == (
         f"error: {ckpt / 'run.lock'}: this run is live in another process (host node7, pid 4242, since 2026-01-01 "
         f"00:00:00): wait for it to end, or give another --checkpoint_dir")
     assert not (tmp_path / "logs").exists() and out == ""  # refused before anything else
     os.close(fd)
-    code, out, err = cli(monkeypatch, capsys, flags)
+    code, out, err = run_cli(monkeypatch, capsys, *flags)
     assert code == 0, err
     for lock in (ckpt / "run.lock", tmp_path / "logs" / "run.lock"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
@@ -210,7 +201,7 @@ def test_unwritable_folder_is_refused_before_training(monkeypatch, capsys, reque
         bad, reason = request.getfixturevalue("read_only_dir"), "Read-only file system (EROFS)"
     dirs = {"log_dir": tmp_path / "logs", "checkpoint_dir": tmp_path / "ckpt", folder: bad}
     flags = tiny_flags(tiny_data, dirs["log_dir"], checkpoint_dir=dirs["checkpoint_dir"], checkpoint_freq=4)
-    code, out, err = cli(monkeypatch, capsys, flags)
+    code, out, err = run_cli(monkeypatch, capsys, *flags)
     assert code == 2
     assert one_line(err) == f"error: cannot write in --{folder} {bad}: {reason}; give a writable folder"
     assert "step:" not in out  # before any training
@@ -307,7 +298,7 @@ def test_bad_token_in_a_later_shard_stops_with_the_log_saying_so(monkeypatch, ca
     bad = markov_tokens(2000)
     bad[1000] = 300  # >= --vocab_size 256
     tg.write_shard(data / "fineweb_train_000002.bin", bad)
-    code, out, err = cli(monkeypatch, capsys, tiny_flags(data, tmp_path / "logs"))
+    code, out, err = run_cli(monkeypatch, capsys, *tiny_flags(data, tmp_path / "logs"))
     assert code == 2
     assert one_line(err) == f"error: {data / 'fineweb_train_000002.bin'}: holds token id 300, but --vocab_size is " \
                             f"256: the shard was made with another tokenizer (use GPT-2's) or --vocab_size is too small"
@@ -371,7 +362,7 @@ def test_cpu_oom_error_in_process(monkeypatch, tmp_path, tiny_data):
     (["--run_name", "a/b"], "--run_name 'a/b' must be a file name"),
 ])
 def test_flags_nobody_can_use_are_refused(monkeypatch, capsys, flags, message):
-    code, _, err = cli(monkeypatch, capsys, ["--device", "cpu", "--model", "tiny", *flags])
+    code, _, err = run_cli(monkeypatch, capsys, "--device", "cpu", "--model", "tiny", *flags)
     assert code == 2 and message in one_line(err), err
 
 
@@ -380,7 +371,7 @@ def test_flags_nobody_can_use_are_refused(monkeypatch, capsys, flags, message):
 def test_cpu_preset_fits_a_laptop_unless_the_batch_is_given(monkeypatch, capsys):
     parser = tg.build_arg_parser()
     assert [parser.get_default(f) for f in tg.CPU_BATCH_DEFAULTS] == [512, 64, 1024, 10_485_760]  # GPU defaults
-    code, out, _ = cli(monkeypatch, capsys, ["--help"])
+    code, out, _ = run_cli(monkeypatch, capsys, "--help")
     assert code == 0
     assert ("global batch, in sequences per optimizer step (8 on --device cpu unless given) (default: 512)"
             in re.sub(r"\s+", " ", out))
@@ -399,7 +390,7 @@ def test_cpu_preset_fits_a_laptop_unless_the_batch_is_given(monkeypatch, capsys)
 def test_console_start_summary_and_progress_when_not_a_terminal(monkeypatch, capsys, tmp_path, tiny_data, interval):
     if interval is not None:
         monkeypatch.setattr(tg, "PROGRESS_INTERVAL_S", interval)
-    code, out, err = cli(monkeypatch, capsys, tiny_flags(tiny_data, tmp_path / "logs", target_loss=5.0,
+    code, out, err = run_cli(monkeypatch, capsys, *tiny_flags(tiny_data, tmp_path / "logs", target_loss=5.0,
                                                          checkpoint_dir=tmp_path / "ckpt", checkpoint_freq=4))
     assert code == 0, err
     lines = out.splitlines()
